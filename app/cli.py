@@ -58,14 +58,100 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_code(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.bundle import open_bundle
+    from models.coded import Ingredients, build_coded, members_of, write_coded
+    from models.data import load_split
+    from models.train import use_all_cores
+
+    use_all_cores()
+    bundle = open_bundle(args.bundle)
+    ingredients = Ingredients(
+        bundle,
+        members_of(bundle),
+        calibration_images=args.calibration_images,
+        fisher_kind=args.fisher,
+        parity_epochs=args.parity_epochs,
+        calibrate=not args.no_calibrate,
+    )
+    k = len(bundle.member_names)
+    coded = build_coded(ingredients, args.method, k, args.r)
+    test = load_split("test")
+    entries = write_coded(bundle, coded, torch.from_numpy(test.images), test.labels)
+    print(f"{args.method}: {len(entries)} coded model(s) over {k} members built in {coded.build_seconds:.2f} s")
+    for entry in entries:
+        coeffs = ", ".join(f"{a:.4f}" for a in entry["coefficients"])
+        print(f"  {entry['name']}: coefficients [{coeffs}], test accuracy {entry['test_accuracy']:.4f}")
+    return 0
+
+
+def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("code", help="add coded models (COIN or a baseline) to a bundle")
+    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
+    p.add_argument("--method", choices=("coin", "average", "parity"), default="coin")
+    p.add_argument("--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin)")
+    p.add_argument("--calibration-images", type=int, default=1000, help="validation images for the Fisher (coin)")
+    p.add_argument("--parity-epochs", type=int, default=6, help="training epochs of the parity model (parity)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit (coin, average)")
+    p.set_defaults(func=_cmd_code)
+
+
+def _cmd_eval_coding(args: argparse.Namespace) -> int:
+    import json
+
+    from models.bundle import open_bundle
+    from models.coding_eval import evaluate_coding, report
+    from models.train import use_all_cores
+
+    use_all_cores()
+    rows, objective = evaluate_coding(
+        open_bundle(args.bundle),
+        ks=args.k,
+        rs=args.r,
+        methods=args.methods,
+        parity_epochs=args.parity_epochs,
+        calibrate=not args.no_calibrate,
+        test_limit=args.test_limit,
+    )
+    print(report(rows, objective))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval-coding", help="evaluate COIN and the baselines on the test split")
+    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p.add_argument("--json", type=Path, default=None, help="write one JSON object per (method, k, r, straggler)")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--r", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("coin", "average", "parity", "none"),
+        default=["coin", "average", "parity", "none"],
+    )
+    p.add_argument("--parity-epochs", type=int, default=6)
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test images")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit of merged models")
+    p.set_defaults(func=_cmd_eval_coding)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     """Until the serving path lands: make sure the default bundle exists and show its figures."""
     from models.bundle import MANIFEST, open_bundle
 
     if not (args.bundle / MANIFEST).is_file():
         print(f"no bundle at {args.bundle}: training the default one (about 2 minutes)")
-        train_args = build_parser().parse_args(["train", "--out", str(args.bundle)])
-        _cmd_train(train_args)
+        _cmd_train(build_parser().parse_args(["train", "--out", str(args.bundle)]))
+    if not open_bundle(args.bundle, verify=False).coded:
+        print(f"bundle {args.bundle} has no coded model: building the COIN coded model")
+        _cmd_code(build_parser().parse_args(["code", "--bundle", str(args.bundle)]))
     bundle = open_bundle(args.bundle)
     print(f"bundle {args.bundle}: base test accuracy {bundle.manifest['base_test_accuracy']:.4f}")
     for member in bundle.manifest["members"]:
@@ -87,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_train, _add_up]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_train,
+    _add_code,
+    _add_eval_coding,
+    _add_up,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
