@@ -64,7 +64,7 @@ def _cmd_code(args: argparse.Namespace) -> int:
     from models.bundle import open_bundle
     from models.coded import Ingredients, build_coded, members_of, write_coded
     from models.data import load_split
-    from models.train import use_all_cores
+    from models.runtime import use_all_cores
 
     use_all_cores()
     bundle = open_bundle(args.bundle)
@@ -104,7 +104,7 @@ def _cmd_eval_coding(args: argparse.Namespace) -> int:
 
     from models.bundle import open_bundle
     from models.coding_eval import evaluate_coding, report
-    from models.train import use_all_cores
+    from models.runtime import use_all_cores
 
     use_all_cores()
     rows, objective = evaluate_coding(
@@ -142,6 +142,48 @@ def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(func=_cmd_eval_coding)
 
 
+def _cmd_eval_refinement(args: argparse.Namespace) -> int:
+    import json
+
+    from models.bitplanes import RefinementPlan
+    from models.bundle import open_bundle
+    from models.layered_sim import SimConfig
+    from models.refine_eval import evaluate_refinement, markdown
+    from models.runtime import keep_freed_memory, use_all_cores
+
+    use_all_cores()
+    keep_freed_memory()
+    bundle = open_bundle(args.bundle)
+    plans = {"served": RefinementPlan.from_dict(bundle.manifest.get("refinement"))}
+    for text in args.plan:
+        plans[text] = RefinementPlan.parse(text)
+    report = evaluate_refinement(
+        bundle,
+        plans,
+        model_name=args.model,
+        repeats=args.repeats,
+        linear=None if args.no_linear else SimConfig(jobs=args.linear_jobs),
+    )
+    print(markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_eval_refinement(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval-refinement", help="measure successive refinement on the test split")
+    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--model", default="member-0", help="which bundle model to refine (default member-0)")
+    p.add_argument("--plan", action="append", default=["3,4,5,6,8"], help="extra plans to measure, e.g. 3,4,5,6,8")
+    p.add_argument("--repeats", type=int, default=40, help="timed repetitions per resolution (median reported)")
+    p.add_argument("--linear-jobs", type=int, default=100, help="jobs per deadline in the linear-case simulation")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear-case simulation")
+    p.set_defaults(func=_cmd_eval_refinement)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     """Until the serving path lands: make sure the default bundle exists and show its figures."""
     from models.bundle import MANIFEST, open_bundle
@@ -177,6 +219,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_train,
     _add_code,
     _add_eval_coding,
+    _add_eval_refinement,
     _add_up,
 ]
 

@@ -7,7 +7,6 @@ so they are close in parameter space (COIN's premise, DESIGN §1.1) yet genuinel
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.bitplanes import RefinementPlan
 from models.bundle import FORMAT, save_model, write_manifest
 from models.data import (
     CLASSES,
@@ -33,6 +33,7 @@ from models.data import (
 )
 from models.evaluate import accuracy, disagreement_matrix
 from models.networks import CNNConfig, MLPConfig, build, config_to_dict, default_config, predict_proba
+from models.runtime import use_all_cores
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,6 @@ class TrainingConfig:
     alpha: float = 0.5  # Dirichlet concentration over classes: small = skewed shards
     train_limit: int | None = None  # use only the first N training images (tests, smoke runs)
     test_limit: int | None = None
-
-
-def use_all_cores() -> int:
-    """Give torch every core we may use (both on the 2-core reference machine)."""
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +222,7 @@ def _manifest(
         "base": {"name": "base", **save_model(out, "base", base), "test_accuracy": base_accuracy},
         "members": member_entries,
         "coded": [],
+        "refinement": RefinementPlan().to_dict(),
         "base_test_accuracy": base_accuracy,
         "pairwise_disagreement": disagreement_matrix([p.argmax(axis=1) for p in member_probs]),
     }
