@@ -184,27 +184,153 @@ def _add_eval_refinement(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p.set_defaults(func=_cmd_eval_refinement)
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    """Until the serving path lands: make sure the default bundle exists and show its figures."""
-    from models.bundle import MANIFEST, open_bundle
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import uvicorn
 
-    if not (args.bundle / MANIFEST).is_file():
-        print(f"no bundle at {args.bundle}: training the default one (about 2 minutes)")
-        _cmd_train(build_parser().parse_args(["train", "--out", str(args.bundle)]))
-    if not open_bundle(args.bundle, verify=False).coded:
-        print(f"bundle {args.bundle} has no coded model: building the COIN coded model")
-        _cmd_code(build_parser().parse_args(["code", "--bundle", str(args.bundle)]))
-    bundle = open_bundle(args.bundle)
-    print(f"bundle {args.bundle}: base test accuracy {bundle.manifest['base_test_accuracy']:.4f}")
-    for member in bundle.manifest["members"]:
-        print(f"  {member['name']} test accuracy {member['test_accuracy']:.4f}")
+    from workers.server import create_app
+    from workers.settings import WorkerSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in WorkerSettings.model_fields and v is not None}
+    settings = WorkerSettings(**overrides)
+    _configure_logging(args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(args.graceful_s),
+    )
     return 0
 
 
+def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("worker", help="run one replica serving one bundle model (flags or COINSERVE_WORKER_* env)")
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--model", help="the bundle model to serve, e.g. member-0 or coded-coin-0")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-batch", dest="max_batch", type=int)
+    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--graceful-s", type=float, default=30.0, help="drain time on SIGTERM")
+    p.set_defaults(func=_cmd_worker)
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _ensure_bundle(bundle: Path, coded_method: str) -> None:
+    """Train the default bundle and its coded model when they are missing (progress is printed)."""
+    from models.bundle import MANIFEST, open_bundle
+
+    if not (bundle / MANIFEST).is_file():
+        print(f"no bundle at {bundle}: training the default one (about 2 minutes on 2 cores)")
+        _cmd_train(build_parser().parse_args(["train", "--out", str(bundle)]))
+    if not any(e.get("method") == coded_method for e in open_bundle(bundle, verify=False).coded):
+        print(f"bundle {bundle} has no {coded_method} coded model: building it")
+        _cmd_code(build_parser().parse_args(["code", "--bundle", str(bundle), "--method", coded_method]))
+
+
+def _example_request(bundle: Path) -> Path:
+    """A real test image as a ready-to-send V2 request, for the printed curl."""
+    import json
+
+    from models.data import load_split
+
+    test = load_split("test").head(1)
+    path = bundle / "example-request.json"
+    body = {
+        "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": test.images.ravel().tolist()}]
+    }
+    path.write_text(json.dumps(body))
+    return path
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from app import launcher
+
+    _ensure_bundle(args.bundle, args.coded_method)
+    example = _example_request(args.bundle)
+    cluster = launcher.start(args.bundle, args.port, args.coded_method)
+    try:
+        launcher.wait_ready(cluster)
+    except (RuntimeError, TimeoutError) as exc:
+        cluster.stop()
+        print(f"coinserve up: {exc}", file=sys.stderr)
+        return 1
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"\ncoinserve is up: gateway {base} (group 'fashion'), metrics {base}/metrics")
+    for child in cluster.children[:-1]:
+        print(f"  replica {child.name:14s} {child.url}  (pid {child.process.pid})")
+    print("\ntry it (the first Fashion-MNIST test image, an ankle boot, class 9):")
+    json_type = "-H 'Content-Type: application/json'"
+    print(f"  curl -s {base}/v2/models/fashion/infer {json_type} -d @{example}")
+    print(f"  curl -sN {base}/v2/models/fashion/infer -H 'Accept: text/event-stream' {json_type} -d @{example}")
+    print("\nCtrl-C stops every process.")
+    return launcher.run_until_signal(cluster)
+
+
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("up", help="make sure the default bundle exists (training it if missing) and run the service")
+    p = sub.add_parser("up", help="run the whole service on loopback: k members, coded replica(s), gateway")
     p.add_argument("--bundle", type=Path, default=default_bundle())
+    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p.add_argument("--coded-method", default="coin", choices=("coin", "average", "parity"))
     p.set_defaults(func=_cmd_up)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.group import GroupConfigError
+    from app.main import create_app
+    from app.settings import GatewaySettings
+
+    overrides: dict[str, object] = {
+        k: v for k, v in vars(args).items() if k in GatewaySettings.model_fields and v is not None and k != "replicas"
+    }
+    if args.replica:
+        overrides["replicas"] = dict(_replica(r) for r in args.replica)
+    settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
+    _configure_logging(args.log_level)
+    try:
+        app = create_app(settings)
+    except GroupConfigError as exc:
+        print(f"coinserve gateway: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.graceful_s),
+    )
+    return 0
+
+
+def _replica(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url.startswith(("http://", "https://")):
+        raise SystemExit(f"coinserve gateway: --replica wants NAME=http://HOST:PORT, got {text!r}")
+    return name, url
+
+
+def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("gateway", help="run the gateway (flags or COINSERVE_* env)")
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--group")
+    p.add_argument("--coded-method", dest="coded_method")
+    p.add_argument("--replica", action="append", help="NAME=URL of a member or coded replica (repeat)")
+    p.add_argument("--max-batch", dest="max_batch", type=int)
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=_cmd_gateway)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +346,8 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_code,
     _add_eval_coding,
     _add_eval_refinement,
+    _add_worker,
+    _add_gateway,
     _add_up,
 ]
 

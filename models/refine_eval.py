@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np

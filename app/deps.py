@@ -1,0 +1,49 @@
+"""Annotated dependencies shared by the routes."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import NotFoundError, UnauthorizedError
+from app.state import Gateway
+
+
+def state_of(request: Request) -> Gateway:
+    state: Gateway = request.state.gateway
+    return state
+
+
+def check_auth(gw: Gateway, request: Request) -> None:
+    """Bearer-token check when a token is configured; constant-time, no detail in the error."""
+    token = gw.settings.auth_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise UnauthorizedError("unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def check_group(gw: Gateway, group: str) -> None:
+    if group != gw.group.name:
+        raise NotFoundError(f"no model group {group!r}; this gateway serves {gw.group.name!r}")
+
+
+async def gateway(request: Request) -> Gateway:
+    return state_of(request)
+
+
+async def authorised(request: Request, gw: Annotated[Gateway, Depends(gateway)]) -> Gateway:
+    check_auth(gw, request)
+    return gw
+
+
+async def known_group(group: str, gw: Annotated[Gateway, Depends(gateway)]) -> Gateway:
+    check_group(gw, group)
+    return gw
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+AuthorisedDep = Annotated[Gateway, Depends(authorised)]
+GroupDep = Annotated[Gateway, Depends(known_group)]

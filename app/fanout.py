@@ -1,0 +1,233 @@
+"""Per-request orchestration: fan out, decode, refine, honour the deadline, cancel what is not needed.
+
+`Fanout.run` is an async generator of `Update`s (no bytes, no HTTP): `coarse` once every member has
+an answer (real, low resolution, or decoded), `refined` whenever an answer improves, and exactly
+one `final` (every answer at the float32 resolution, the stop margin reached, or the deadline with
+the best answers so far) or one `error`. Every replica call it started is cancelled in `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.decoding import Answer
+from app.errors import ReplicaError
+from app.group import Group
+from app.metrics import GatewayMetrics
+from app.upstream import ReplicaClient
+from workers.protocol import ProtocolError, encode_binary_request, parse_response
+
+
+@dataclass(frozen=True)
+class Options:
+    deadline_ms: float | None = None
+    min_resolution: int = 0
+    stop_margin: float | None = None
+    members: list[str] | None = None
+    stream: bool = False  # the client watches refinements (SSE)
+
+
+@dataclass
+class Update:
+    event: str  # coarse | refined | final | error
+    seq: int
+    elapsed_ms: float
+    answers: dict[str, Answer] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+    error: str | None = None
+    status: int = 200
+
+    @property
+    def resolution(self) -> int:
+        return min((a.resolution for a in self.answers.values()), default=0)
+
+    def exact_members(self, final_resolution: int) -> list[str]:
+        return [
+            m
+            for m in self.members
+            if m in self.answers and self.answers[m].real and self.answers[m].resolution == final_resolution
+        ]
+
+    def decoded_members(self) -> list[str]:
+        return [m for m in self.members if m in self.answers and not self.answers[m].real]
+
+    def ensemble(self) -> np.ndarray:
+        ensemble: np.ndarray = np.mean([self.answers[m].probs for m in self.members], axis=0)
+        return ensemble
+
+
+_DONE = object()
+
+
+class Fanout:
+    def __init__(self, group: Group, client: ReplicaClient, metrics: GatewayMetrics) -> None:
+        self.group = group
+        self.client = client
+        self.metrics = metrics
+        self.decoder = group.decoder()
+
+    async def run(
+        self, images: np.ndarray, options: Options, started: float, request_id: str | None = None
+    ) -> AsyncIterator[Update]:
+        members = options.members or self.group.members
+        coded = list(self.group.coded) if members == self.group.members else []
+        refine = options.stream or options.deadline_ms is not None or options.stop_margin is not None
+        parameters = {"stream": refine, "final_only": not refine, "min_resolution": options.min_resolution}
+        body, header_length = encode_binary_request(images, parameters, request_id)
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        tasks = {
+            name: asyncio.create_task(self._call(name, body, header_length, len(images), refine, queue))
+            for name in [*members, *coded]
+        }
+        run = _Run(self, members, options, started)
+        try:
+            async for update in run.loop(queue, tasks):
+                yield update
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _call(
+        self, name: str, body: bytes, header_length: int, batch: int, lines: bool, queue: asyncio.Queue[tuple[str, Any]]
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            async for line in self.client.stream(name, self.group.urls[name], name, body, header_length, lines):
+                try:
+                    probs, params = parse_response(line, self.group.classes, batch)
+                except ProtocolError as exc:
+                    raise ReplicaError(name, "garbage", str(exc)) from exc
+                resolution = params.get("resolution")
+                if type(resolution) is not int or not 0 <= resolution < self.group.resolutions:
+                    raise ReplicaError(name, "garbage", f"resolution {resolution!r} is not in the plan")
+                queue.put_nowait((name, Answer(probs, resolution, real=True)))
+            self.metrics.replica_latency.labels(name).observe(time.perf_counter() - start)
+            queue.put_nowait((name, _DONE))
+        except ReplicaError as exc:
+            self.metrics.replica_errors.labels(name, exc.kind).inc()
+            queue.put_nowait((name, exc))
+
+
+class _Run:
+    """The state of one request while its replica calls come in."""
+
+    def __init__(self, fanout: Fanout, members: list[str], options: Options, started: float) -> None:
+        self.fanout = fanout
+        self.group = fanout.group
+        self.members = members
+        self.options = options
+        self.started = started
+        self.real: dict[str, Answer] = {}
+        self.coded: dict[str, Answer] = {}
+        self.failures: dict[str, ReplicaError] = {}
+        self.pending: set[str] = set()
+        self.seq = 0
+        self.last: dict[str, tuple[int, bool]] | None = None
+
+    def _update(
+        self, event: str, answers: dict[str, Answer] | None = None, error: str | None = None, status: int = 200
+    ) -> Update:
+        self.seq += 1
+        elapsed = (time.perf_counter() - self.started) * 1000
+        return Update(event, self.seq, round(elapsed, 3), answers or {}, self.members, error, status)
+
+    def _accept(self, name: str, item: Any) -> None:
+        if item is _DONE:
+            self.pending.discard(name)
+        elif isinstance(item, ReplicaError):
+            self.pending.discard(name)
+            self.failures[name] = item
+        else:
+            book = self.coded if name in self.group.coded else self.real
+            if name not in book or item.key > book[name].key:
+                book[name] = item
+
+    def _is_final(self, answers: dict[str, Answer]) -> bool:
+        if any(a.resolution < self.group.resolutions - 1 for a in answers.values()):
+            margin = self.options.stop_margin
+            if margin is None:
+                return False
+            top2 = np.sort(np.mean([a.probs for a in answers.values()], axis=0), axis=1)[:, -2:]
+            return bool(np.all(top2[:, 1] - top2[:, 0] >= margin))
+        return True
+
+    async def loop(
+        self, queue: asyncio.Queue[tuple[str, Any]], tasks: dict[str, asyncio.Task[None]]
+    ) -> AsyncIterator[Update]:
+        self.pending = set(tasks)
+        if self.options.deadline_ms is not None:
+            remaining = self.started + self.options.deadline_ms / 1000 - time.perf_counter()
+        else:
+            remaining = self.fanout.client.settings.upstream_timeout_s
+        timeout = asyncio.get_running_loop().time() + remaining
+        answers: dict[str, Answer] = {}
+        try:
+            async with asyncio.timeout_at(timeout):
+                while True:
+                    name, item = await queue.get()
+                    self._accept(name, item)
+                    answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
+                    if len(answers) == len(self.members):
+                        final = self._is_final(answers)
+                        if final:
+                            yield self._update("final", answers)
+                            return
+                        update = self._progress(answers)
+                        if update is not None:
+                            yield update
+                    elif not self.pending:
+                        yield self._failed()
+                        return
+        except TimeoutError:
+            pass
+        yield self._at_deadline(answers)
+
+    def _progress(self, answers: dict[str, Answer]) -> Update | None:
+        keys = {m: a.key for m, a in answers.items()}
+        if self.last is None:
+            self.last = keys
+            return self._update("coarse", answers)
+        if any(keys[m] > self.last[m] for m in keys):
+            self.last = keys
+            return self._update("refined", answers)
+        return None
+
+    def _failed(self) -> Update:
+        missing = [m for m in self.members if m not in self.real]
+        why = "; ".join(str(e) for e in self.failures.values()) or "no reply"
+        return self._update(
+            "error", error=f"no answer for {missing} and too few coded outputs to decode them ({why})", status=503
+        )
+
+    def _at_deadline(self, answers: dict[str, Answer]) -> Update:
+        if len(answers) == len(self.members):
+            return self._update("final", answers)
+        if self.options.deadline_ms is None:
+            limit = self.fanout.client.settings.upstream_timeout_s
+            return self._update(
+                "error", error=f"replicas did not answer within the {limit:g} s upstream timeout", status=504
+            )
+        missing = [m for m in self.members if m not in answers]
+        return self._update(
+            "error", error=f"deadline_ms {self.options.deadline_ms:g} passed before {missing} had an answer", status=504
+        )
+
+
+def response_parameters(update: Update, group: Group) -> dict[str, Any]:
+    exact = update.exact_members(group.resolutions - 1)
+    return {
+        "seq": update.seq,
+        "resolution": update.resolution,
+        "planes": group.planes[update.resolution] if update.answers else None,
+        "exact_members": exact,
+        "decoded_members": update.decoded_members(),
+        "approximate": len(exact) != len(update.members),
+        "elapsed_ms": update.elapsed_ms,
+    }

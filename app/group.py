@@ -1,0 +1,82 @@
+"""The served group, read from the bundle manifest (JSON only: the gateway never loads torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.decoding import Decoder
+from app.settings import GatewaySettings
+
+
+class GroupConfigError(Exception):
+    """The bundle or the replica list cannot form a servable group."""
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    members: list[str]
+    coded: dict[str, int]  # coded model name → coefficient row
+    coeffs: np.ndarray | None  # (r, k)
+    resolutions: int  # the plan's resolutions, float32 included
+    planes: list[int | None]
+    classes: int
+    class_names: list[str]
+    urls: dict[str, str]
+
+    def decoder(self) -> Decoder:
+        return Decoder(self.members, self.coded, self.coeffs, self.resolutions - 1)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform": "coinserve",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "outputs": [
+                {"name": m, "datatype": "FP32", "shape": [-1, self.classes]} for m in [*self.members, "ensemble"]
+            ],
+            "parameters": {
+                "members": self.members,
+                "coded_replicas": [{"name": n, "row": r} for n, r in self.coded.items()],
+                "coefficients": None if self.coeffs is None else self.coeffs.tolist(),
+                "resolutions": [{"index": i, "planes": p} for i, p in enumerate(self.planes)],
+                "classes": self.class_names,
+            },
+        }
+
+
+def load_group(settings: GatewaySettings) -> Group:
+    path = Path(settings.bundle) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GroupConfigError(f"cannot read the bundle manifest {path}: {exc}") from exc
+    members = [m["name"] for m in manifest["members"]]
+    coded_entries = sorted(
+        (e for e in manifest.get("coded", []) if e.get("method") == settings.coded_method), key=lambda e: e["row"]
+    )
+    coded = {e["name"]: int(e["row"]) for e in coded_entries if e["name"] in settings.replicas}
+    coeffs = np.array([e["coefficients"] for e in coded_entries]) if coded_entries else None
+    missing = [m for m in members if m not in settings.replicas]
+    if missing:
+        raise GroupConfigError(f"no replica URL for members {missing}; give --replica NAME=URL for each")
+    bad = [url for url in settings.replicas.values() if not url.startswith("http://")]
+    if bad:
+        raise GroupConfigError(f"replica URLs must be http://HOST:PORT (traffic inside the cluster), got {bad}")
+    planes = list(manifest.get("refinement", {}).get("planes", [4]))
+    return Group(
+        name=settings.group,
+        members=members,
+        coded=coded,
+        coeffs=coeffs,
+        resolutions=len(planes) + 1,
+        planes=[*planes, None],
+        classes=int(manifest["config"]["classes"]),
+        class_names=list(manifest.get("dataset", {}).get("classes", [])),
+        urls={name: url.rstrip("/") for name, url in settings.replicas.items()},
+    )

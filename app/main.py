@@ -1,0 +1,56 @@
+"""`create_app(settings)`: the gateway. The lifespan creates the shared upstream client, the stream
+registry and the replica health checks, and hands them to the handlers as typed state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import disable_created_metrics
+
+from app.access import AccessLogMiddleware
+from app.errors import install_handlers
+from app.fanout import Fanout
+from app.group import load_group
+from app.metrics import GatewayMetrics
+from app.replicas import ReplicaHealth
+from app.routes import health, infer, requests
+from app.settings import GatewaySettings
+from app.state import Gateway
+from app.streams import StreamRegistry
+from app.upstream import ReplicaClient
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    group = load_group(settings)  # fail at start, not on the first request
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
+        client = ReplicaClient(settings)
+        health_checks = ReplicaHealth(group, client, metrics)
+        registry = StreamRegistry(settings.retention_s, settings.retention_max)
+        gateway = Gateway(settings, group, client, Fanout(group, client, metrics), registry, metrics, health_checks)
+        app.state.gateway = gateway  # for the drain hook in cli.py
+        await health_checks.check_all()
+        await health_checks.start()
+        logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
+        try:
+            yield {"gateway": gateway}
+        finally:
+            await health_checks.stop()
+            await registry.close()
+            await client.close()
+
+    app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
+    app.include_router(health.router)
+    app.include_router(infer.router)
+    app.include_router(requests.router)
+    app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

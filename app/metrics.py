@@ -1,0 +1,42 @@
+"""Prometheus collectors of the gateway, defined once, on a registry per app (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "coinserve_requests_total", "Requests by endpoint and outcome", ["endpoint", "outcome"], registry=r
+        )
+        self.time_to_coarse = Histogram(
+            "coinserve_time_to_coarse_seconds", "Time to the first complete answer", buckets=_LATENCY, registry=r
+        )
+        self.time_to_final = Histogram(
+            "coinserve_time_to_final_seconds", "Time to the final event", buckets=_LATENCY, registry=r
+        )
+        self.decoded = Counter(
+            "coinserve_decoded_answers_total", "Member answers decoded in a final", ["member"], registry=r
+        )
+        self.approximate = Counter(
+            "coinserve_approximate_finals_total", "Finals that are not exact, by reason", ["reason"], registry=r
+        )
+        self.replica_latency = Histogram(
+            "coinserve_replica_request_duration_seconds",
+            "Replica call time to its last useful line",
+            ["replica"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.replica_errors = Counter(
+            "coinserve_replica_errors_total", "Failed replica calls", ["replica", "kind"], registry=r
+        )
+        self.replica_ready = Gauge(
+            "coinserve_replica_ready", "1 when the replica's readiness check passes", ["replica"], registry=r
+        )
+        self.inflight = Gauge("coinserve_inflight_requests", "Requests being answered", registry=r)
+        self.streams = Gauge("coinserve_open_streams", "Open server-sent-event streams", registry=r)

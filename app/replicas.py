@@ -1,0 +1,76 @@
+"""Replica readiness, re-checked in the background with per-replica exponential backoff.
+
+A replica that fails its check is tried again after 2×, 4×, … the interval (capped), with jitter so
+that replicas that went down together are not all re-checked at the same instant; a replica that
+passes is back at the normal interval. The gateway is ready when enough replicas are: every member,
+or all but as many members as there are ready coded replicas to decode them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from app.group import Group
+from app.metrics import GatewayMetrics
+from app.upstream import ReplicaClient
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaHealth:
+    def __init__(self, group: Group, client: ReplicaClient, metrics: GatewayMetrics) -> None:
+        self.group = group
+        self.client = client
+        self.metrics = metrics
+        self.ready: dict[str, bool] = {name: False for name in group.urls}
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random(0)
+        self.draining = False
+
+    def is_ready(self) -> bool:
+        if self.draining:
+            return False
+        down_members = sum(not self.ready[m] for m in self.group.members)
+        up_coded = sum(self.ready[c] for c in self.group.coded)
+        return down_members <= up_coded
+
+    async def check_all(self) -> None:
+        results = await asyncio.gather(*(self._check(name) for name in self.ready))
+        for name, ok in zip(self.ready, results, strict=True):
+            self._set(name, ok)
+
+    async def _check(self, name: str) -> bool:
+        return await self.client.ready(
+            self.group.urls[name], timeout_s=min(1.0, self.client.settings.health_interval_s)
+        )
+
+    def _set(self, name: str, ok: bool) -> None:
+        if ok != self.ready[name]:
+            if ok:
+                logger.info("replica %s is ready", name)
+            else:
+                logger.warning("replica %s is NOT ready", name)
+        self.ready[name] = ok
+        self.metrics.replica_ready.labels(name).set(1 if ok else 0)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._watch_all(), name="replica-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _watch_all(self) -> None:
+        await asyncio.gather(*(self._watch(name) for name in self.ready))
+
+    async def _watch(self, name: str) -> None:
+        interval = self.client.settings.health_interval_s
+        wait = interval
+        while True:
+            ok = await self._check(name)
+            self._set(name, ok)
+            wait = interval if ok else min(wait * 2, self.client.settings.health_backoff_max_s)
+            await asyncio.sleep(wait * self._rng.uniform(0.8, 1.2))

@@ -1,0 +1,64 @@
+"""Health, metadata and metrics routes (live and ready kept apart, as Kubernetes needs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import GatewayDep, GroupDep
+
+router = APIRouter()
+
+
+@router.get("/v2/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+def _readiness(gw: GatewayDep) -> JSONResponse:
+    if gw.health.is_ready():
+        return JSONResponse({"ready": True})
+    if gw.health.draining:
+        return JSONResponse({"ready": False, "error": "draining: shutting down"}, status_code=503)
+    down = [name for name, ok in gw.health.ready.items() if not ok]
+    return JSONResponse({"ready": False, "error": f"too few replicas ready to answer; down: {down}"}, status_code=503)
+
+
+@router.get("/v2/health/ready")
+async def ready(gw: GatewayDep) -> JSONResponse:
+    return _readiness(gw)
+
+
+@router.get("/v2")
+async def server_metadata() -> dict[str, Any]:
+    return {
+        "name": "coinserve",
+        "version": "0.1.0",
+        "extensions": ["server_sent_events", "coded_replicas", "refinement"],
+    }
+
+
+@router.get("/v2/models")
+async def models(gw: GatewayDep) -> dict[str, Any]:
+    return {"models": [{"name": gw.group.name, "members": gw.group.members, "coded_replicas": list(gw.group.coded)}]}
+
+
+@router.get("/v2/models/{group}")
+async def model_metadata(gw: GroupDep) -> dict[str, Any]:
+    meta = gw.group.metadata()
+    meta["parameters"]["replicas_ready"] = dict(gw.health.ready)
+    return meta
+
+
+@router.get("/v2/models/{group}/ready")
+async def model_ready(gw: GroupDep) -> JSONResponse:
+    response = _readiness(gw)
+    return response
+
+
+@router.get("/metrics")
+async def metrics(gw: GatewayDep) -> Response:
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

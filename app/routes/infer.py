@@ -1,0 +1,190 @@
+"""POST /v2/models/{group}/infer: a JSON answer, or the same call as a server-sent-event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from app.deps import check_auth, check_group, state_of
+from app.errors import TooManyRequestsError, UnavailableError
+from app.fanout import Update
+from app.sse import KEEPALIVE, STREAM_HEADERS, format_event, preamble, response_body
+from app.state import Gateway
+from app.validation import parse
+from workers.protocol import InferRequestModel, InferResponseModel
+
+router = APIRouter()
+
+
+def admit(gw: Gateway, stream: bool) -> None:
+    """Back-pressure: refuse beyond the configured limits instead of queueing without bound."""
+    if gw.health.draining:
+        raise UnavailableError("the gateway is shutting down", headers={"Retry-After": "1"})
+    if gw.inflight >= gw.settings.max_concurrent_requests:
+        raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
+    if stream and gw.open_streams >= gw.settings.max_open_streams:
+        raise TooManyRequestsError("too many open event streams; retry shortly", headers={"Retry-After": "1"})
+
+
+def record(gw: Gateway, endpoint: str, update: Update, first_complete_ms: float | None) -> None:
+    """Metrics of a finished request: outcome, times, decoded members, approximate finals."""
+    m = gw.metrics
+    m.requests.labels(endpoint, update.event if update.event != "error" else f"error_{update.status}").inc()
+    if update.event != "final":
+        return
+    if first_complete_ms is not None:
+        m.time_to_coarse.observe(first_complete_ms / 1000)
+    m.time_to_final.observe(update.elapsed_ms / 1000)
+    decoded = update.decoded_members()
+    for member in decoded:
+        m.decoded.labels(member).inc()
+    low = update.resolution < gw.group.resolutions - 1
+    if decoded or low:
+        m.approximate.labels("low_resolution" if low else "decoded").inc()
+
+
+async def with_keepalive(updates: AsyncIterator[Update], interval_s: float) -> AsyncIterator[Update | None]:
+    """Pass updates through, yielding None whenever `interval_s` passes without one."""
+    iterator = updates.__aiter__()
+    pending: asyncio.Task[Update] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield None
+                continue
+            try:
+                update = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield update
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def sse_events(
+    gw: Gateway, updates: AsyncIterator[Update], request_id: str | None, endpoint: str
+) -> AsyncIterator[bytes]:
+    gw.open_streams += 1
+    gw.metrics.streams.inc()
+    first: float | None = None
+    last: Update | None = None
+    try:
+        yield preamble()
+        async for update in with_keepalive(updates, gw.settings.keepalive_s):
+            if update is None:
+                yield KEEPALIVE
+                continue
+            last = update
+            first = update.elapsed_ms if first is None and update.event != "error" else first
+            yield format_event(update, gw.group, request_id)
+    finally:
+        gw.open_streams -= 1
+        gw.metrics.streams.dec()
+        if last is not None and last.event in ("final", "error"):
+            record(gw, endpoint, last, first)
+        else:
+            gw.metrics.requests.labels(endpoint, "client_gone").inc()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def json_answer(
+    gw: Gateway, request: Request, updates: AsyncIterator[Update], request_id: str | None
+) -> Response:
+    """Consume the updates to the final one; a client that hangs up cancels the whole request."""
+
+    async def last_update() -> tuple[Update, float | None]:
+        first: float | None = None
+        async for update in updates:
+            if update.event in ("final", "error"):
+                return update, first
+            first = update.elapsed_ms if first is None else first
+        raise RuntimeError("fan-out ended without a final or error")
+
+    answer = asyncio.ensure_future(last_update())
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not answer.done():
+            answer.cancel()
+            gw.metrics.requests.labels("infer", "client_gone").inc()
+        await asyncio.gather(answer, watcher, return_exceptions=True)
+        await updates.aclose()  # type: ignore[attr-defined]
+    update, first = answer.result()
+    record(gw, "infer", update, first)
+    body = orjson.dumps(response_body(update, gw.group, request_id))
+    return Response(body, status_code=update.status, media_type="application/json")
+
+
+@router.post(
+    "/v2/models/{group}/infer",
+    response_model=InferResponseModel,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": InferRequestModel.model_json_schema()}},
+            "required": True,
+        }
+    },
+    responses={
+        400: {"description": "bad request"},
+        404: {"description": "unknown group"},
+        503: {"description": "unavailable"},
+        504: {"description": "deadline"},
+    },
+)
+async def infer(group: str, request: Request) -> Response:
+    # Plain calls instead of Depends: on the hot path FastAPI's dependency solving cost 10% of the
+    # gateway's CPU (docs/serving.md).
+    started = time.perf_counter()
+    gw = state_of(request)
+    check_group(gw, group)
+    check_auth(gw, request)
+    stream = "text/event-stream" in request.headers.get("accept", "")
+    admit(gw, stream)
+    images, options, request_id = parse(await request.body(), gw.group, gw.settings, stream)
+    updates = gw.fanout.run(images, options, started, request_id)
+    if stream:
+        events = counted(gw, sse_events(gw, updates, request_id, "infer_stream"))
+        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+    _hold(gw)
+    try:
+        return await json_answer(gw, request, updates, request_id)
+    finally:
+        _release(gw)
+
+
+def _hold(gw: Gateway) -> None:
+    gw.inflight += 1
+    gw.metrics.inflight.inc()
+
+
+def _release(gw: Gateway) -> None:
+    gw.inflight -= 1
+    gw.metrics.inflight.dec()
+
+
+async def counted(gw: Gateway, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Count a streamed request in flight from its first byte to the end of its stream."""
+    _hold(gw)
+    try:
+        async for chunk in events:
+            yield chunk
+    finally:
+        _release(gw)

@@ -1,0 +1,35 @@
+"""GatewaySettings: flags and `COINSERVE_*` environment variables feed one object, built in cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COINSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    group: str = Field("fashion", description="the model group's name in /v2/models/{group}")
+    bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
+    replicas: dict[str, str] = Field(default_factory=dict, description="model name → base URL of its replica")
+    coded_method: str = Field("coin", description="which coded models of the bundle protect the members")
+    max_batch: int = Field(64, ge=1, description="most images in one request")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="largest accepted request body")
+    max_concurrent_requests: int = Field(512, ge=1, description="requests in flight before 503 + Retry-After")
+    max_open_streams: int = Field(256, ge=1, description="open event streams before 503 + Retry-After")
+    max_deadline_ms: float = Field(60_000, gt=0, description="largest deadline_ms a client may ask for")
+    upstream_timeout_s: float = Field(30.0, gt=0, description="bound on a request with no deadline_ms")
+    connect_timeout_s: float = Field(1.0, gt=0)
+    upstream_connections: int = Field(64, ge=1, description="pooled connections per replica")
+    keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
+    retention_s: float = Field(300.0, gt=0, description="how long finished /v1/requests streams stay resumable")
+    retention_max: int = Field(1000, ge=1, description="most retained /v1/requests streams")
+    health_interval_s: float = Field(2.0, gt=0, description="replica readiness re-check interval")
+    health_backoff_max_s: float = Field(30.0, gt=0, description="longest wait between checks of a down replica")
+    auth_token: str | None = Field(None, description="if set, clients must send Authorization: Bearer <token>")
+    worker_secret: str | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")
+    graceful_s: float = Field(65.0, gt=0, description="drain time on SIGTERM, larger than max_deadline_ms")

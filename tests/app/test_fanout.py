@@ -1,0 +1,122 @@
+"""Fan-out logic against scripted replicas (a unit test double; the real thing is in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.errors import ReplicaError
+from app.fanout import Fanout, Options
+from app.group import Group
+from app.metrics import GatewayMetrics
+from app.settings import GatewaySettings
+from models.coding import coefficients, encode
+
+MEMBERS = ["m0", "m1", "m2"]
+PROBS = np.random.default_rng(0).dirichlet(np.ones(10), size=(3, 1))  # (k, B, C)
+CODED = encode(PROBS, coefficients(3, 1))[0]
+
+
+def _line(name: str, resolution: int) -> dict[str, Any]:
+    probs = CODED if name == "c" else PROBS[MEMBERS.index(name)]
+    return {
+        "outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32", "data": probs.ravel().tolist()}],
+        "parameters": {"resolution": resolution},
+    }
+
+
+class ScriptedClient:
+    """Each replica replies with (delay_s, resolution) steps, or fails with `fail`."""
+
+    def __init__(self, script: dict[str, list[tuple[float, int]]], fail: dict[str, str] | None = None) -> None:
+        self.script, self.fail = script, fail or {}
+        self.settings = GatewaySettings(upstream_timeout_s=2)
+        self.cancelled: list[str] = []
+
+    async def stream(
+        self, replica: str, url: str, model: str, body: bytes, header_length: int, lines: bool = True
+    ) -> AsyncIterator[Any]:
+        try:
+            if replica in self.fail:
+                raise ReplicaError(replica, "connection", self.fail[replica])
+            for delay, resolution in self.script.get(replica, [(3600, 0)]):
+                await asyncio.sleep(delay)
+                yield _line(replica, resolution)
+        except asyncio.CancelledError:
+            self.cancelled.append(replica)
+            raise
+
+
+def _fanout(client: ScriptedClient) -> Fanout:
+    group = Group(
+        "g", MEMBERS, {"c": 0}, coefficients(3, 1), 2, [4, None], 10, [], {n: "http://x" for n in [*MEMBERS, "c"]}
+    )
+    return Fanout(group, client, GatewayMetrics())  # type: ignore[arg-type]
+
+
+async def _events(client: ScriptedClient, options: Options) -> list[tuple[str, list[str], float]]:
+    out = []
+    started = time.perf_counter()
+    async for u in _fanout(client).run(np.zeros((1, 1, 28, 28), np.float32), options, started):
+        out.append((u.event, u.decoded_members() if u.event != "error" else [u.error or ""], u.elapsed_ms))
+    return out
+
+
+FAST = [(0.0, 0), (0.01, 1)]
+
+
+@pytest.mark.anyio
+async def test_every_replica_answering_gives_coarse_refined_final_exact():
+    client = ScriptedClient({"m0": FAST, "m1": FAST, "m2": FAST, "c": [(0.05, 0), (0.05, 1)]})
+    events = await _events(client, Options(stream=True))
+    assert [e[0] for e in events][0] == "coarse" and events[-1][0] == "final"
+    assert events[-1][1] == []
+
+
+@pytest.mark.anyio
+async def test_a_silent_member_is_decoded_and_its_call_cancelled():
+    client = ScriptedClient({"m0": FAST, "m2": FAST, "c": FAST})
+    events = await _events(client, Options(stream=True))
+    assert events[0] == ("coarse", ["m1"], events[0][2])
+    assert events[-1][0] == "final" and events[-1][1] == ["m1"]
+    assert client.cancelled == ["m1"]
+
+
+@pytest.mark.anyio
+async def test_deadline_without_an_answer_for_every_member_is_one_error():
+    client = ScriptedClient({"m0": FAST, "m2": FAST})
+    events = await _events(client, Options(deadline_ms=100))
+    assert [e[0] for e in events] == ["error"]
+    assert "deadline_ms 100 passed before ['m1'] had an answer" in events[0][1][0]
+    assert 100 <= events[0][2] < 150
+    assert sorted(client.cancelled) == ["c", "m1"]
+
+
+@pytest.mark.anyio
+async def test_deadline_with_low_resolution_answers_is_an_approximate_final():
+    slow = [(0.0, 0), (5.0, 1)]
+    client = ScriptedClient({"m0": slow, "m1": slow, "m2": slow, "c": slow})
+    events = await _events(client, Options(deadline_ms=80, stream=True))
+    assert [e[0] for e in events] == ["coarse", "final"]
+    assert 80 <= events[-1][2] < 130
+
+
+@pytest.mark.anyio
+async def test_replicas_that_all_fail_end_quickly_with_a_503():
+    client = ScriptedClient({}, fail={n: "refused" for n in [*MEMBERS, "c"]})
+    events = await _events(client, Options())
+    assert [e[0] for e in events] == ["error"]
+    assert "too few coded outputs" in events[0][1][0] and events[0][2] < 50
+
+
+@pytest.mark.anyio
+async def test_stop_margin_finishes_at_a_low_resolution():
+    slow = [(0.0, 0), (5.0, 1)]
+    client = ScriptedClient({"m0": slow, "m1": slow, "m2": slow, "c": slow})
+    events = await _events(client, Options(stop_margin=1e-6, stream=True))
+    assert [e[0] for e in events] == ["final"] and events[0][2] < 100

@@ -1,0 +1,117 @@
+"""Real processes on loopback: workers and a gateway started by the same launcher `coinserve up` uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app import launcher
+
+
+@pytest.fixture(scope="session")
+def coded_bundle(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle plus a COIN coded model (r = 1), as `coinserve code` would add it."""
+    import torch
+
+    from models.bundle import open_bundle
+    from models.coded import Ingredients, build_coded, members_of, write_coded
+    from models.data import load_split
+
+    path = Path(shutil.copytree(tiny_bundle_dir, tmp_path_factory.mktemp("served") / "bundle"))
+    bundle = open_bundle(path)
+    ingredients = Ingredients(bundle, members_of(bundle), calibration_images=200)
+    test = load_split("test").head(100)
+    write_coded(bundle, build_coded(ingredients, "coin", 3, 1), torch.from_numpy(test.images), test.labels)
+    return path
+
+
+def with_plan(bundle: Path, planes: list[int], tmp_path: Path) -> Path:
+    """A copy of `bundle` that serves another refinement plan."""
+    copy = Path(shutil.copytree(bundle, tmp_path / "plan-bundle"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["refinement"] = {"planes": planes, "per_channel": True, "final": "float32"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@dataclass
+class Running:
+    cluster: launcher.Cluster
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def child(self, name: str) -> launcher.Child:
+        return next(c for c in self.cluster.children if c.name == name)
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        os.kill(self.child(name).process.pid, sig)
+
+    def worker_metric(self, name: str, metric: str) -> float:
+        """Sum of every sample of `metric` on the worker's /metrics."""
+        text = httpx.get(f"{self.child(name).url}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric))
+
+
+@contextmanager
+def running(
+    bundle: Path, worker_env: dict[str, dict[str, str]] | None = None, gateway_args: list[str] | None = None
+) -> Iterator[Running]:
+    port = launcher.free_port()
+    cluster = launcher.start(bundle, port, worker_env=worker_env, gateway_args=gateway_args)
+    try:
+        launcher.wait_ready(cluster, timeout_s=90)
+        yield Running(cluster, port)
+    finally:
+        for child in cluster.children:  # a test may leave a worker paused
+            if child.process.poll() is None:
+                os.kill(child.process.pid, signal.SIGCONT)
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def service(coded_bundle: Path) -> Iterator[Running]:
+    with running(coded_bundle) as r:
+        yield r
+
+
+def request_body(n: int = 1, parameters: dict | None = None, seed: int = 0) -> dict:
+    from models.data import load_split
+
+    images = load_split("test").images[seed : seed + n]
+    body: dict = {
+        "inputs": [{"name": "input", "shape": [n, 1, 28, 28], "datatype": "FP32", "data": images.ravel().tolist()}]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def parse_sse(text: str) -> list[dict]:
+    """Events of a server-sent-event stream: [{'id': int, 'event': str, 'data': dict}], comments dropped."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line and not line.startswith(":"):
+                key, _, value = line.partition(":")
+                fields[key] = value.lstrip(" ")
+        if "event" in fields:
+            events.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+    return events
+
+
+def argmaxes(data: dict) -> dict[str, int]:
+    return {o["name"]: int(np.argmax(o["data"])) for o in data["outputs"]}

@@ -1,0 +1,159 @@
+"""One replica process: serves one bundle model (a member or a coded model) over V2.
+
+`create_app(settings)`: the lifespan loads and hash-checks the model (a failure stops the process
+with a non-zero status), warms it up and starts the batcher. Streaming infer answers one NDJSON
+line per completed resolution; a plain call answers the final one as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp
+
+from models.bitplanes import RefinementPlan
+from models.bundle import Bundle, open_bundle
+from models.refine import RefinementEngine
+from models.runtime import keep_freed_memory, use_all_cores
+from workers.batcher import Batcher
+from workers.faults import FaultInjector
+from workers.protocol import OUTPUT_NAME
+from workers.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+PARAMETERS = ("stream", "min_resolution", "final_only")
+SECRET_HEADER = "X-Coinserve-Secret"
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rows = Counter(
+            "coinserve_worker_rows_computed_total",
+            "Image rows computed, per resolution",
+            ["resolution"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "coinserve_worker_requests_total", "Infer requests by outcome", ["outcome"], registry=self.registry
+        )
+        self.batch = Histogram(
+            "coinserve_worker_batch_rows",
+            "Rows per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("coinserve_worker_in_flight_requests", "Requests being served", registry=self.registry)
+
+    def computed(self, rows: int, index: int) -> None:
+        self.rows.labels(str(index)).inc(rows)
+        self.batch.observe(rows)
+
+
+@dataclass
+class WorkerState:
+    settings: WorkerSettings
+    bundle: Bundle
+    entry: dict[str, Any]
+    engine: RefinementEngine
+    batcher: Batcher
+    faults: FaultInjector | None
+    metrics: WorkerMetrics
+    classes: int
+
+
+def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
+    use_all_cores(settings.threads)
+    keep_freed_memory()
+    bundle = open_bundle(settings.bundle, verify=False)
+    model = bundle.build_model(settings.model)  # reads the file and checks its sha256 first
+    plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
+    engine = RefinementEngine(model, plan)
+    warm = torch.zeros(1, 1, 28, 28)
+    for index in range(plan.resolutions):
+        engine.forward(warm, index)
+    step_delay_s = settings.faults.step_delay_ms / 1000
+    batcher = Batcher(engine, settings.max_batch, settings.max_wait_ms, metrics.computed, step_delay_s)
+    faults = FaultInjector(settings.faults) if settings.faults.enabled else None
+    classes = int(bundle.manifest["config"]["classes"])
+    return WorkerState(settings, bundle, bundle.entry(settings.model), engine, batcher, faults, metrics, classes)
+
+
+def create_app(settings: WorkerSettings) -> ASGIApp:
+    metrics = WorkerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, WorkerState]]:
+        state = await asyncio.to_thread(_load, settings, metrics)  # hashing and torch off the loop
+        await state.batcher.start()
+        logger.info("serving %s from %s (plan %s)", settings.model, settings.bundle, state.engine.plan.to_dict())
+        try:
+            yield {"worker": state}
+        finally:
+            await state.batcher.stop()
+
+    app = FastAPI(title=f"coinserve worker {settings.model}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _routes(app, settings)
+    from workers.endpoint import InferEndpoint  # it imports this module's WorkerState
+
+    return InferEndpoint(app, settings.model)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _routes(app: FastAPI, settings: WorkerSettings) -> None:
+    name = settings.model
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready(request: Request) -> dict[str, bool]:
+        return {"ready": hasattr(request.state, "worker")}
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "coinserve-worker", "version": "0.1.0", "extensions": ["binary_tensor_data", "streaming"]}
+
+    @app.get("/v2/models/{model}")
+    async def model_metadata(model: str, request: Request) -> Response:
+        if model != name:
+            return _error(404, f"this worker serves {name!r}, not {model!r}")
+        worker: WorkerState = request.state.worker
+        entry = worker.entry
+        return JSONResponse(
+            {
+                "name": name,
+                "platform": "pytorch",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, worker.classes]}],
+                "parameters": {
+                    "role": "coded" if "method" in entry else "member",
+                    "sha256": entry["sha256"],
+                    "coefficients": entry.get("coefficients"),
+                    "refinement": worker.engine.plan.to_dict(),
+                },
+            }
+        )
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(model: str) -> Response:
+        if model != name:
+            return _error(404, f"this worker serves {name!r}, not {model!r}")
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(request.state.worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)

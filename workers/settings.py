@@ -1,0 +1,47 @@
+"""WorkerSettings: command-line flags and `COINSERVE_WORKER_*` environment variables, one object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FaultSettings(BaseSettings):
+    """Fault injection for tests and benchmarks; everything is off unless configured."""
+
+    model_config = SettingsConfigDict(env_prefix="COINSERVE_WORKER_FAULT_", extra="forbid")
+
+    delay: str | None = Field(
+        None, description="added delay per request: const:MS, exp:MEAN_MS or pareto:SCALE_MS:ALPHA"
+    )
+    delay_probability: float = Field(1.0, ge=0, le=1, description="fraction of requests that get the delay")
+    step_delay_ms: float = Field(
+        0.0, ge=0, description="a slow model: extra compute time before every resolution after the first"
+    )
+    pause_every_s: float = Field(0.0, ge=0, description="start a pause window this often (0: never)")
+    pause_s: float = Field(0.0, ge=0, description="length of each pause window: replies are held")
+    error_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests answered with HTTP 500")
+    garbage_rate: float = Field(0.0, ge=0, le=1, description="fraction answered with a malformed reply")
+    garbage_kind: str = Field("nan", description="nan, shape, truncated or close")
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.delay or self.step_delay_ms or self.pause_every_s or self.error_rate or self.garbage_rate)
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COINSERVE_WORKER_", extra="forbid")
+
+    bundle: Path = Path("bundles/default")
+    model: str = Field("member-0", description="the bundle model this replica serves")
+    host: str = "127.0.0.1"
+    port: int = 8101
+    max_batch: int = Field(64, ge=1, description="most rows in one forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
+    max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
+    threads: int = Field(1, ge=1, description="torch threads: one per replica, replicas share the cores")
+    shared_secret: str | None = Field(None, description="if set, calls must carry it as X-Coinserve-Secret")
+    faults: FaultSettings = Field(default_factory=FaultSettings)
