@@ -328,9 +328,25 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--group")
     p.add_argument("--coded-method", dest="coded_method")
     p.add_argument("--replica", action="append", help="NAME=URL of a member or coded replica (repeat)")
+    p.add_argument("--hedge-replica", dest="hedge_replica", help="URL of a replica hosting every member (hedging)")
     p.add_argument("--max-batch", dest="max_batch", type=int)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_cmd_gateway)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks live in bench/, which product code never imports: run them as their own process."""
+    import subprocess
+
+    command = [sys.executable, "-m", f"bench.{args.suite}", *args.rest]
+    return subprocess.call(command)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="run a benchmark: serving, tail or soak (see bench/)")
+    p.add_argument("suite", choices=("serving", "tail", "soak"))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags, e.g. --quick --json PATH")
+    p.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +364,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_eval_refinement,
     _add_worker,
     _add_gateway,
+    _add_bench,
     _add_up,
 ]
 

@@ -19,6 +19,7 @@ import numpy as np
 from app.decoding import Answer
 from app.errors import ReplicaError
 from app.group import Group
+from app.hedging import LatencyTracker
 from app.metrics import GatewayMetrics
 from app.upstream import ReplicaClient
 from workers.protocol import ProtocolError, encode_binary_request, parse_response
@@ -71,6 +72,7 @@ class Fanout:
         self.client = client
         self.metrics = metrics
         self.decoder = group.decoder()
+        self.latency = LatencyTracker(quantile=group.hedge_quantile)
 
     async def run(
         self, images: np.ndarray, options: Options, started: float, request_id: str | None = None
@@ -81,8 +83,12 @@ class Fanout:
         parameters = {"stream": refine, "final_only": not refine, "min_resolution": options.min_resolution}
         body, header_length = encode_binary_request(images, parameters, request_id)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        call = _Call(self, body, header_length, len(images), refine, queue)
+        hedge = self.group.hedge_url is not None and not refine
         tasks = {
-            name: asyncio.create_task(self._call(name, body, header_length, len(images), refine, queue))
+            name: asyncio.create_task(
+                call.hedged(name) if hedge and name in self.group.members else call.reported(name)
+            )
             for name in [*members, *coded]
         }
         run = _Run(self, members, options, started)
@@ -94,25 +100,79 @@ class Fanout:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
 
-    async def _call(
-        self, name: str, body: bytes, header_length: int, batch: int, lines: bool, queue: asyncio.Queue[tuple[str, Any]]
+
+class _Call:
+    """The replica calls of one request; answers and failures go to the request's queue."""
+
+    def __init__(
+        self,
+        fanout: Fanout,
+        body: bytes,
+        header_length: int,
+        batch: int,
+        lines: bool,
+        queue: asyncio.Queue[tuple[str, Any]],
     ) -> None:
+        self.fanout = fanout
+        self.group = fanout.group
+        self.body, self.header_length, self.batch, self.lines = body, header_length, batch, lines
+        self.queue = queue
+
+    async def once(self, name: str, url: str) -> None:
+        """One call: every answer goes to the queue; raises ReplicaError if the call fails."""
         start = time.perf_counter()
         try:
-            async for line in self.client.stream(name, self.group.urls[name], name, body, header_length, lines):
+            async for line in self.fanout.client.stream(name, url, name, self.body, self.header_length, self.lines):
                 try:
-                    probs, params = parse_response(line, self.group.classes, batch)
+                    probs, params = parse_response(line, self.group.classes, self.batch)
                 except ProtocolError as exc:
                     raise ReplicaError(name, "garbage", str(exc)) from exc
                 resolution = params.get("resolution")
                 if type(resolution) is not int or not 0 <= resolution < self.group.resolutions:
                     raise ReplicaError(name, "garbage", f"resolution {resolution!r} is not in the plan")
-                queue.put_nowait((name, Answer(probs, resolution, real=True)))
-            self.metrics.replica_latency.labels(name).observe(time.perf_counter() - start)
-            queue.put_nowait((name, _DONE))
+                self.queue.put_nowait((name, Answer(probs, resolution, real=True)))
         except ReplicaError as exc:
-            self.metrics.replica_errors.labels(name, exc.kind).inc()
-            queue.put_nowait((name, exc))
+            self.fanout.metrics.replica_errors.labels(name, exc.kind).inc()
+            raise
+        elapsed = time.perf_counter() - start
+        self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
+        if url == self.group.urls.get(name):
+            self.fanout.latency.record(name, elapsed)
+
+    async def reported(self, name: str) -> None:
+        try:
+            await self.once(name, self.group.urls[name])
+        except ReplicaError as exc:
+            self.queue.put_nowait((name, exc))
+        else:
+            self.queue.put_nowait((name, _DONE))
+
+    async def hedged(self, name: str) -> None:
+        """The Tail-at-Scale hedge: if the member has not answered by the p95 of its recent latency,
+        send the same call to the hedging replica; the first answer wins, the loser is cancelled."""
+        assert self.group.hedge_url is not None
+        primary = asyncio.ensure_future(self.once(name, self.group.urls[name]))
+        calls = {primary}
+        try:
+            done, _ = await asyncio.wait(calls, timeout=self.fanout.latency.hedge_delay_s(name))
+            if not done or primary.exception() is not None:
+                self.fanout.metrics.hedges.inc()
+                calls.add(asyncio.ensure_future(self.once(name, self.group.hedge_url)))
+            errors: list[BaseException] = []
+            pending = set(calls)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        self.queue.put_nowait((name, _DONE))
+                        return
+                    errors.append(error)
+            self.queue.put_nowait((name, errors[-1]))
+        finally:
+            for task in calls:
+                task.cancel()
+            await asyncio.gather(primary, *calls, return_exceptions=True)
 
 
 class _Run:

@@ -28,6 +28,8 @@ class Group:
     classes: int
     class_names: list[str]
     urls: dict[str, str]
+    hedge_url: str | None = None  # a replica hosting every member, for the hedged-request baseline
+    hedge_quantile: float = 0.95
 
     def decoder(self) -> Decoder:
         return Decoder(self.members, self.coded, self.coeffs, self.resolutions - 1)
@@ -65,7 +67,8 @@ def load_group(settings: GatewaySettings) -> Group:
     missing = [m for m in members if m not in settings.replicas]
     if missing:
         raise GroupConfigError(f"no replica URL for members {missing}; give --replica NAME=URL for each")
-    bad = [url for url in settings.replicas.values() if not url.startswith("http://")]
+    urls = [*settings.replicas.values(), *([settings.hedge_replica] if settings.hedge_replica else [])]
+    bad = [url for url in urls if not url.startswith("http://")]
     if bad:
         raise GroupConfigError(f"replica URLs must be http://HOST:PORT (traffic inside the cluster), got {bad}")
     planes = list(manifest.get("refinement", {}).get("planes", [4]))
@@ -79,4 +82,6 @@ def load_group(settings: GatewaySettings) -> Group:
         classes=int(manifest["config"]["classes"]),
         class_names=list(manifest.get("dataset", {}).get("classes", [])),
         urls={name: url.rstrip("/") for name, url in settings.replicas.items()},
+        hedge_url=settings.hedge_replica.rstrip("/") if settings.hedge_replica else None,
+        hedge_quantile=settings.hedge_quantile,
     )

@@ -16,7 +16,15 @@ class GatewaySettings(BaseSettings):
     group: str = Field("fashion", description="the model group's name in /v2/models/{group}")
     bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
     replicas: dict[str, str] = Field(default_factory=dict, description="model name → base URL of its replica")
-    coded_method: str = Field("coin", description="which coded models of the bundle protect the members")
+    coded_method: str = Field(
+        "coin", description="which coded models of the bundle protect the members ('none': no coding)"
+    )
+    hedge_replica: str | None = Field(
+        None, description="URL of a replica hosting every member: enables hedged requests"
+    )
+    hedge_quantile: float = Field(
+        0.95, gt=0, lt=1, description="hedge a call still missing after this latency quantile"
+    )
     max_batch: int = Field(64, ge=1, description="most images in one request")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="largest accepted request body")
     max_concurrent_requests: int = Field(512, ge=1, description="requests in flight before 503 + Retry-After")

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from workers.batcher import Job, Result
 from workers.faults import Verdict
 from workers.protocol import HEADER_LENGTH, OUTPUT_NAME, ProtocolError, encode_response, parse_request
-from workers.server import PARAMETERS, SECRET_HEADER, WorkerState
+from workers.server import PARAMETERS, SECRET_HEADER, Served, WorkerState
 
 _JSON = [(b"content-type", b"application/json")]
 _NDJSON = [(b"content-type", b"application/x-ndjson")]
@@ -28,13 +28,15 @@ MAX_BODY = 8 << 20  # a 64-image binary request is 200 kB; JSON about 1 MB
 
 
 class InferEndpoint:
-    def __init__(self, app: ASGIApp, model: str) -> None:
+    def __init__(self, app: ASGIApp, models: list[str]) -> None:
         self.app = app
-        self.path = f"/v2/models/{model}/infer"
+        self.paths = {f"/v2/models/{model}/infer": model for model in models}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
-            await _infer(scope["state"]["worker"], scope, receive, send)
+        model = self.paths.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if model is not None:
+            worker: WorkerState = scope["state"]["worker"]
+            await _infer(worker, worker.models[model], scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -66,7 +68,7 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _infer(worker: WorkerState, scope: Scope, receive: Receive, send: Send) -> None:
+async def _infer(worker: WorkerState, served: Served, scope: Scope, receive: Receive, send: Send) -> None:
     headers = dict(scope["headers"])
     secret = worker.settings.shared_secret
     if secret and not hmac.compare_digest(headers.get(_SECRET, b""), secret.encode()):
@@ -78,7 +80,7 @@ async def _infer(worker: WorkerState, scope: Scope, receive: Receive, send: Send
         await _error(send, 413, f"request body larger than {MAX_BODY} bytes")
         return
     try:
-        job, stream, request_id = job_from(worker, body, headers.get(_HEADER_LENGTH))
+        job, stream, request_id = job_from(worker, served, body, headers.get(_HEADER_LENGTH))
     except ProtocolError as exc:
         worker.metrics.requests.labels("bad_request").inc()
         await _error(send, 400, str(exc))
@@ -88,16 +90,16 @@ async def _infer(worker: WorkerState, scope: Scope, receive: Receive, send: Send
         worker.metrics.requests.labels("injected_error").inc()
         await _error(send, 500, "injected fault")
         return
-    worker.batcher.submit(job)
+    served.batcher.submit(job)
     listener = asyncio.create_task(_watch_disconnect(receive, job))
     worker.metrics.in_flight.inc()
     outcome = "cancelled"
     try:
         serve = _stream if stream else _single
-        outcome = await serve(worker, job, verdict, request_id, send)
+        outcome = await serve(worker, served.name, job, verdict, request_id, send)
     finally:
         job.cancelled = True  # a no-op once finished; stops the compute if we leave early
-        worker.batcher.finished(job)
+        served.batcher.finished(job)
         listener.cancel()
         worker.metrics.in_flight.dec()
         worker.metrics.requests.labels(outcome).inc()
@@ -110,13 +112,15 @@ async def _watch_disconnect(receive: Receive, job: Job) -> None:
     job.results.put_nowait(None)  # wake the writer: nothing more will be sent
 
 
-def job_from(worker: WorkerState, body: bytes, header_length: bytes | None) -> tuple[Job, bool, str | None]:
+def job_from(
+    worker: WorkerState, served: Served, body: bytes, header_length: bytes | None
+) -> tuple[Job, bool, str | None]:
     try:
         length = int(header_length) if header_length is not None else None
     except ValueError as exc:
         raise ProtocolError(f"{HEADER_LENGTH} must be an integer") from exc
     images, parameters, request_id = parse_request(body, length, worker.settings.max_request_batch, PARAMETERS)
-    last = worker.engine.plan.resolutions - 1
+    last = served.engine.plan.resolutions - 1
     start = parameters.get("min_resolution", 0)
     if type(start) is not int or not 0 <= start <= last:
         raise ProtocolError(f"parameters.min_resolution must be an integer in 0..{last}")
@@ -128,23 +132,23 @@ def job_from(worker: WorkerState, body: bytes, header_length: bytes | None) -> t
     return Job(torch.from_numpy(images.copy()), start, final_only), stream, request_id
 
 
-def _encode(worker: WorkerState, result: Result, request_id: str | None) -> bytes:
+def _encode(model: str, result: Result, request_id: str | None) -> bytes:
     parameters = {"resolution": result.index, "planes": result.planes, "exact": result.final}
-    return encode_response(worker.settings.model, result.probs, parameters, request_id)
+    return encode_response(model, result.probs, parameters, request_id)
 
 
-def garbage(worker: WorkerState, result: Result) -> bytes:
+def garbage(worker: WorkerState, model: str, result: Result) -> bytes:
     """A malformed reply of the configured kind (fault injection)."""
     kind = worker.settings.faults.garbage_kind
     if kind == "shape":
-        return encode_response(worker.settings.model, result.probs[:, :3], {"resolution": result.index})
+        return encode_response(model, result.probs[:, :3], {"resolution": result.index})
     if kind == "nan":
         rows, classes = result.probs.shape
         data = ",".join(["NaN"] * (rows * classes))
         tensor = f'{{"name":"{OUTPUT_NAME}","datatype":"FP32","shape":[{rows},{classes}],"data":[{data}]}}'
-        head = f'{{"model_name":"{worker.settings.model}","outputs":[{tensor}],'
+        head = f'{{"model_name":"{model}","outputs":[{tensor}],'
         return (head + f'"parameters":{{"resolution":{result.index}}}}}').encode()
-    good = _encode(worker, result, None)
+    good = _encode(model, result, None)
     return good[: len(good) // 2]  # truncated (for "close" the connection also breaks off)
 
 
@@ -155,7 +159,9 @@ async def _next(job: Job) -> Result | None:
     return item
 
 
-async def _single(worker: WorkerState, job: Job, verdict: Verdict, request_id: str | None, send: Send) -> str:
+async def _single(
+    worker: WorkerState, model: str, job: Job, verdict: Verdict, request_id: str | None, send: Send
+) -> str:
     last: Result | None = None
     while (result := await _next(job)) is not None:
         last = result
@@ -164,13 +170,15 @@ async def _single(worker: WorkerState, job: Job, verdict: Verdict, request_id: s
     if worker.faults:
         await worker.faults.before_reply()
     if verdict is Verdict.GARBAGE:
-        await _respond(send, 200, garbage(worker, last))
+        await _respond(send, 200, garbage(worker, model, last))
         return "garbage"
-    await _respond(send, 200, _encode(worker, last, request_id))
+    await _respond(send, 200, _encode(model, last, request_id))
     return "ok"
 
 
-async def _stream(worker: WorkerState, job: Job, verdict: Verdict, request_id: str | None, send: Send) -> str:
+async def _stream(
+    worker: WorkerState, model: str, job: Job, verdict: Verdict, request_id: str | None, send: Send
+) -> str:
     started = False
 
     async def write(chunk: bytes, more: bool) -> None:
@@ -188,11 +196,11 @@ async def _stream(worker: WorkerState, job: Job, verdict: Verdict, request_id: s
             first = False
             if verdict is Verdict.GARBAGE:
                 close = worker.settings.faults.garbage_kind == "close"
-                await write(garbage(worker, result) + (b"" if close else b"\n"), more=close)
+                await write(garbage(worker, model, result) + (b"" if close else b"\n"), more=close)
                 if close:
                     raise ConnectionAbortedError("injected fault: connection closed mid-stream")
                 return "garbage"
-            await write(_encode(worker, result, request_id) + b"\n", more=not result.final)
+            await write(_encode(model, result, request_id) + b"\n", more=not result.final)
             if result.final:
                 return "ok"
     except Exception as exc:

@@ -60,22 +60,32 @@ class WorkerMetrics:
 
 
 @dataclass
-class WorkerState:
-    settings: WorkerSettings
-    bundle: Bundle
+class Served:
+    """One bundle model in this process: its manifest entry, engine and batcher."""
+
+    name: str
     entry: dict[str, Any]
     engine: RefinementEngine
     batcher: Batcher
+
+
+@dataclass
+class WorkerState:
+    settings: WorkerSettings
+    bundle: Bundle
+    models: dict[str, Served]
     faults: FaultInjector | None
     metrics: WorkerMetrics
     classes: int
 
 
-def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
-    use_all_cores(settings.threads)
-    keep_freed_memory()
-    bundle = open_bundle(settings.bundle, verify=False)
-    model = bundle.build_model(settings.model)  # reads the file and checks its sha256 first
+def model_names(settings: WorkerSettings) -> list[str]:
+    """`--model a` serves one model; `--model a,b,c` several (the hedging replica hosts every member)."""
+    return [n.strip() for n in settings.model.split(",") if n.strip()]
+
+
+def _serve_model(bundle: Bundle, name: str, settings: WorkerSettings, metrics: WorkerMetrics) -> Served:
+    model = bundle.build_model(name)  # reads the file and checks its sha256 first
     plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
     engine = RefinementEngine(model, plan)
     warm = torch.zeros(1, 1, 28, 28)
@@ -83,9 +93,17 @@ def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
         engine.forward(warm, index)
     step_delay_s = settings.faults.step_delay_ms / 1000
     batcher = Batcher(engine, settings.max_batch, settings.max_wait_ms, metrics.computed, step_delay_s)
+    return Served(name, bundle.entry(name), engine, batcher)
+
+
+def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
+    use_all_cores(settings.threads)
+    keep_freed_memory()
+    bundle = open_bundle(settings.bundle, verify=False)
+    models = {name: _serve_model(bundle, name, settings, metrics) for name in model_names(settings)}
     faults = FaultInjector(settings.faults) if settings.faults.enabled else None
     classes = int(bundle.manifest["config"]["classes"])
-    return WorkerState(settings, bundle, bundle.entry(settings.model), engine, batcher, faults, metrics, classes)
+    return WorkerState(settings, bundle, models, faults, metrics, classes)
 
 
 def create_app(settings: WorkerSettings) -> ASGIApp:
@@ -94,18 +112,20 @@ def create_app(settings: WorkerSettings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, WorkerState]]:
         state = await asyncio.to_thread(_load, settings, metrics)  # hashing and torch off the loop
-        await state.batcher.start()
-        logger.info("serving %s from %s (plan %s)", settings.model, settings.bundle, state.engine.plan.to_dict())
+        for served in state.models.values():
+            await served.batcher.start()
+        logger.info("serving %s from %s", list(state.models), settings.bundle)
         try:
             yield {"worker": state}
         finally:
-            await state.batcher.stop()
+            for served in state.models.values():
+                await served.batcher.stop()
 
     app = FastAPI(title=f"coinserve worker {settings.model}", lifespan=lifespan, docs_url=None, redoc_url=None)
     _routes(app, settings)
     from workers.endpoint import InferEndpoint  # it imports this module's WorkerState
 
-    return InferEndpoint(app, settings.model)
+    return InferEndpoint(app, model_names(settings))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -113,7 +133,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _routes(app: FastAPI, settings: WorkerSettings) -> None:
-    name = settings.model
+    names = model_names(settings)
+
+    def unknown(model: str) -> JSONResponse:
+        return _error(404, f"this worker serves {names}, not {model!r}")
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
@@ -129,13 +152,14 @@ def _routes(app: FastAPI, settings: WorkerSettings) -> None:
 
     @app.get("/v2/models/{model}")
     async def model_metadata(model: str, request: Request) -> Response:
-        if model != name:
-            return _error(404, f"this worker serves {name!r}, not {model!r}")
         worker: WorkerState = request.state.worker
-        entry = worker.entry
+        if model not in worker.models:
+            return unknown(model)
+        served = worker.models[model]
+        entry = served.entry
         return JSONResponse(
             {
-                "name": name,
+                "name": model,
                 "platform": "pytorch",
                 "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                 "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, worker.classes]}],
@@ -143,16 +167,16 @@ def _routes(app: FastAPI, settings: WorkerSettings) -> None:
                     "role": "coded" if "method" in entry else "member",
                     "sha256": entry["sha256"],
                     "coefficients": entry.get("coefficients"),
-                    "refinement": worker.engine.plan.to_dict(),
+                    "refinement": served.engine.plan.to_dict(),
                 },
             }
         )
 
     @app.get("/v2/models/{model}/ready")
     async def model_ready(model: str) -> Response:
-        if model != name:
-            return _error(404, f"this worker serves {name!r}, not {model!r}")
-        return JSONResponse({"name": name, "ready": True})
+        if model not in names:
+            return unknown(model)
+        return JSONResponse({"name": model, "ready": True})
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

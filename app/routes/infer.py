@@ -67,7 +67,7 @@ async def with_keepalive(updates: AsyncIterator[Update], interval_s: float) -> A
             pending = None
             yield update
     finally:
-        if pending is not None and not pending.done():
+        if pending is not None:  # the client left: stop the fan-out and collect what it raised
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
         await iterator.aclose()  # type: ignore[attr-defined]

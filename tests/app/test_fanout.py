@@ -42,27 +42,30 @@ class ScriptedClient:
         self, replica: str, url: str, model: str, body: bytes, header_length: int, lines: bool = True
     ) -> AsyncIterator[Any]:
         try:
-            if replica in self.fail:
-                raise ReplicaError(replica, "connection", self.fail[replica])
-            for delay, resolution in self.script.get(replica, [(3600, 0)]):
+            key = f"hedge:{replica}" if url == "http://hedge" else replica
+            if key in self.fail:
+                raise ReplicaError(replica, "connection", self.fail[key])
+            for delay, resolution in self.script.get(key, [(3600, 0)]):
                 await asyncio.sleep(delay)
                 yield _line(replica, resolution)
         except asyncio.CancelledError:
-            self.cancelled.append(replica)
+            self.cancelled.append(f"hedge:{replica}" if url == "http://hedge" else replica)
             raise
 
 
-def _fanout(client: ScriptedClient) -> Fanout:
+def _fanout(client: ScriptedClient, hedge: bool = False) -> Fanout:
+    coded = {} if hedge else {"c": 0}
+    urls = {n: "http://x" for n in [*MEMBERS, "c"]}
     group = Group(
-        "g", MEMBERS, {"c": 0}, coefficients(3, 1), 2, [4, None], 10, [], {n: "http://x" for n in [*MEMBERS, "c"]}
+        "g", MEMBERS, coded, coefficients(3, 1), 2, [4, None], 10, [], urls, "http://hedge" if hedge else None
     )
     return Fanout(group, client, GatewayMetrics())  # type: ignore[arg-type]
 
 
-async def _events(client: ScriptedClient, options: Options) -> list[tuple[str, list[str], float]]:
+async def _events(client: ScriptedClient, options: Options, hedge: bool = False) -> list[tuple[str, list[str], float]]:
     out = []
     started = time.perf_counter()
-    async for u in _fanout(client).run(np.zeros((1, 1, 28, 28), np.float32), options, started):
+    async for u in _fanout(client, hedge).run(np.zeros((1, 1, 28, 28), np.float32), options, started):
         out.append((u.event, u.decoded_members() if u.event != "error" else [u.error or ""], u.elapsed_ms))
     return out
 
@@ -120,3 +123,21 @@ async def test_stop_margin_finishes_at_a_low_resolution():
     client = ScriptedClient({"m0": slow, "m1": slow, "m2": slow, "c": slow})
     events = await _events(client, Options(stop_margin=1e-6, stream=True))
     assert [e[0] for e in events] == ["final"] and events[0][2] < 100
+
+
+@pytest.mark.anyio
+async def test_a_silent_member_is_hedged_after_the_initial_delay_and_the_loser_cancelled():
+    one = [(0.0, 1)]
+    client = ScriptedClient({"m0": one, "m2": one, "hedge:m1": one})
+    events = await _events(client, Options(), hedge=True)
+    assert [e[0] for e in events] == ["final"] and events[0][1] == []  # m1 answered for real, by the hedge
+    assert 20 <= events[0][2] < 60  # the 20 ms initial hedge delay
+    assert client.cancelled == ["m1"]
+
+
+@pytest.mark.anyio
+async def test_a_failing_member_is_hedged_at_once():
+    one = [(0.0, 1)]
+    client = ScriptedClient({"m0": one, "m2": one, "hedge:m1": one}, fail={"m1": "refused"})
+    events = await _events(client, Options(), hedge=True)
+    assert [e[0] for e in events] == ["final"] and events[0][2] < 15

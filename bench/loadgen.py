@@ -1,0 +1,135 @@
+"""Load generation against a running gateway or worker: closed loop (fixed concurrency) and open
+loop (Poisson arrivals at a set rate, which does not slow down when the server does).
+
+Latencies are measured at the client: for JSON calls the whole response; for SSE the time of the
+first complete answer (the first `coarse`/`refined`/`final` event) and of the terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+
+@dataclass
+class Sample:
+    sent_at: float  # seconds since the run started
+    first_ms: float  # first complete answer (JSON: the response)
+    final_ms: float  # terminal event (JSON: the response)
+    status: int
+    outcome: str  # final | error | http_<status> | exception
+    body: dict[str, Any] | None = None  # the terminal event's data
+
+
+@dataclass
+class Run:
+    samples: list[Sample] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.outcome == "final"]
+
+
+def percentiles(values: Sequence[float], points: Sequence[float] = (50, 99, 99.9)) -> list[float]:
+    if not values:
+        return [float("nan")] * len(points)
+    return [float(np.percentile(values, p)) for p in points]
+
+
+def json_body(images: np.ndarray, parameters: dict[str, Any] | None = None) -> bytes:
+    body: dict[str, Any] = {
+        "inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return orjson.dumps(body)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, sse: bool, t0: float) -> Sample:
+    start = time.perf_counter()
+    headers = {"Content-Type": "application/json", **({"Accept": "text/event-stream"} if sse else {})}
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            if not sse:
+                data = await response.read()
+                ms = (time.perf_counter() - start) * 1000
+                parsed = orjson.loads(data) if data else None
+                outcome = "final" if response.status == 200 else f"http_{response.status}"
+                return Sample(start - t0, ms, ms, response.status, outcome, parsed)
+            return await _read_sse(response, start, t0)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        ms = (time.perf_counter() - start) * 1000
+        return Sample(start - t0, ms, ms, 0, f"exception:{type(exc).__name__}")
+
+
+async def _read_sse(response: aiohttp.ClientResponse, start: float, t0: float) -> Sample:
+    first = None
+    event = None
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event is not None:
+            ms = (time.perf_counter() - start) * 1000
+            if event != "error" and first is None:
+                first = ms
+            if event in ("final", "error"):
+                data = orjson.loads(line.split(":", 1)[1])
+                return Sample(start - t0, first if first is not None else ms, ms, response.status, event, data)
+    ms = (time.perf_counter() - start) * 1000
+    return Sample(start - t0, ms, ms, response.status, "no_final")
+
+
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float, sse: bool = False) -> Run:
+    """`concurrency` clients, each sending its next request as soon as the last one ends."""
+    run = Run()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        t0 = time.perf_counter()
+        stop = t0 + seconds
+        counter = iter(range(10**9))
+
+        async def client() -> None:
+            while time.perf_counter() < stop:
+                run.samples.append(await _one(session, url, bodies[next(counter) % len(bodies)], sse, t0))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        run.seconds = time.perf_counter() - t0
+    return run
+
+
+async def open_loop(
+    url: str,
+    bodies: list[bytes],
+    rate: float,
+    count: int,
+    sse: bool = False,
+    seed: int = 0,
+    on_send: Callable[[int], None] | None = None,
+) -> Run:
+    """`count` requests with exponential gaps at `rate` per second, whatever the server does."""
+    run = Run()
+    gaps = np.random.default_rng(seed).exponential(1 / rate, size=count)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        t0 = time.perf_counter()
+        due = t0
+        tasks = []
+        for i, gap in enumerate(gaps):
+            due += gap
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if on_send is not None:
+                on_send(i)
+            tasks.append(asyncio.create_task(_one(session, url, bodies[i % len(bodies)], sse, t0)))
+        run.samples = list(await asyncio.gather(*tasks))
+        run.seconds = time.perf_counter() - t0
+    return run

@@ -1,0 +1,196 @@
+"""Serving benchmark (issue 5): gateway overhead, throughput, and the deadline under a paused member.
+
+    python -m bench.serving [--quick] [--json docs/results/serving.json]
+
+1. Overhead: a trivial bundle (MLP members, k = 4, one coded replica). p50 at concurrency 1 through
+   the gateway against p50 of calling one worker directly with the same JSON request.
+2. Throughput: the default CNN bundle, k = 4 + 1 coded, closed loop at concurrency 32.
+3. Deadline: the default bundle, member-1 paused with SIGSTOP for the whole run, Poisson arrivals,
+   SSE requests with deadline_ms; (a) the coded replica up: time of the final; (b) the coded replica
+   paused too: the terminal event must come at the deadline.
+Every trial is printed as it ends; the machine and settings head the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app import launcher
+from bench.loadgen import Run, closed_loop, json_body, open_loop, percentiles
+from models.data import load_split
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def trivial_bundle(folder: Path) -> Path:
+    """A real bundle whose models cost next to nothing: an MLP trained for a few steps, coded by averaging."""
+    import torch
+
+    from models.bundle import open_bundle
+    from models.coded import Ingredients, build_coded, members_of, write_coded
+    from models.train import TrainingConfig, train_bundle
+
+    cfg = TrainingConfig(architecture="mlp", k=4, base_epochs=1, member_steps=2, train_limit=1000, test_limit=200)
+    train_bundle(folder, cfg, log=lambda _m: None)
+    bundle = open_bundle(folder)
+    test = load_split("test").head(200)
+    coded = build_coded(Ingredients(bundle, members_of(bundle), calibrate=False), "average", 4, 1)
+    write_coded(bundle, coded, torch.from_numpy(test.images), test.labels)
+    return folder
+
+
+def bodies(n: int = 64, parameters: dict[str, Any] | None = None) -> list[bytes]:
+    images = load_split("test").images[:n]
+    return [json_body(images[i : i + 1], parameters) for i in range(n)]
+
+
+def summary(run: Run, deadline_ms: float | None = None) -> dict[str, Any]:
+    ok = run.ok()
+    first = [s.first_ms for s in ok]
+    final = [s.final_ms for s in run.samples]
+    p50, p99, p999 = percentiles(first)
+    out = {
+        "requests": len(run.samples),
+        "finals": len(ok),
+        "errors": len(run.samples) - len(ok),
+        "req_per_s": round(len(run.samples) / run.seconds, 1),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "p999_ms": round(p999, 2),
+        "terminal_p50_ms": round(percentiles(final)[0], 2),
+        "terminal_p99_ms": round(percentiles(final)[1], 2),
+        "terminal_max_ms": round(max(final, default=float("nan")), 2),
+    }
+    if deadline_ms is not None:
+        out["late_p99_ms"] = round(percentiles([f - deadline_ms for f in final])[1], 2)
+        decoded = [s for s in ok if s.body and s.body.get("parameters", {}).get("decoded_members")]
+        out["decoded"] = len(decoded)
+    return out
+
+
+def _log(label: str, result: dict[str, Any]) -> None:
+    print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
+
+
+def overhead(trials: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = trivial_bundle(Path(tmp) / "trivial")
+        cluster = launcher.start(bundle, launcher.free_port())
+        try:
+            launcher.wait_ready(cluster)
+            gateway = cluster.children[-1]
+            worker = cluster.children[0]
+            direct_url = f"{worker.url}/v2/models/{worker.name}/infer"
+            gateway_url = f"{gateway.url}/v2/models/fashion/infer"
+            reqs = bodies()
+            asyncio.run(closed_loop(gateway_url, reqs, 4, 2.0))  # warm-up
+            rows = []
+            for trial in range(trials):
+                direct = summary(asyncio.run(closed_loop(direct_url, reqs, 1, seconds)))
+                via = summary(asyncio.run(closed_loop(gateway_url, reqs, 1, seconds)))
+                row = {"trial": trial, "direct_p50_ms": direct["p50_ms"], "gateway_p50_ms": via["p50_ms"]}
+                row["ratio"] = round(via["p50_ms"] / direct["p50_ms"], 2)
+                _log(f"overhead trial {trial}", row)
+                rows.append(row)
+        finally:
+            cluster.stop()
+    return {"trials": rows, "median_ratio": float(np.median([r["ratio"] for r in rows]))}
+
+
+def default_cluster(bundle: Path) -> launcher.Cluster:
+    cluster = launcher.start(bundle, launcher.free_port())
+    launcher.wait_ready(cluster)
+    return cluster
+
+
+def throughput(bundle: Path, trials: int, seconds: float, concurrency: int = 32) -> dict[str, Any]:
+    cluster = default_cluster(bundle)
+    try:
+        url = f"{cluster.children[-1].url}/v2/models/fashion/infer"
+        reqs = bodies()
+        asyncio.run(closed_loop(url, reqs, concurrency, 3.0))  # warm-up
+        rows = []
+        for trial in range(trials):
+            row = {"trial": trial, **summary(asyncio.run(closed_loop(url, reqs, concurrency, seconds)))}
+            _log(f"throughput trial {trial}", row)
+            rows.append(row)
+    finally:
+        cluster.stop()
+    return {
+        "concurrency": concurrency,
+        "trials": rows,
+        "median_req_per_s": float(np.median([r["req_per_s"] for r in rows])),
+    }
+
+
+def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: float) -> dict[str, Any]:
+    cluster = default_cluster(bundle)
+    pids = {c.name: c.process.pid for c in cluster.children}
+    out: dict[str, Any] = {"deadline_ms": deadline_ms, "rate_per_s": rate, "requests_per_trial": count}
+    try:
+        url = f"{cluster.children[-1].url}/v2/models/fashion/infer"
+        reqs = bodies(64, {"deadline_ms": deadline_ms})
+        asyncio.run(closed_loop(url, reqs, 4, 2.0))  # warm-up
+        for case, paused in (
+            ("paused_member", ["member-1"]),
+            ("paused_member_and_coded", ["member-1", "coded-coin-0"]),
+        ):
+            for name in paused:
+                os.kill(pids[name], signal.SIGSTOP)
+            try:
+                rows = []
+                for trial in range(trials):
+                    row = {
+                        "trial": trial,
+                        **summary(asyncio.run(open_loop(url, reqs, rate, count, sse=True, seed=trial)), deadline_ms),
+                    }
+                    _log(f"deadline {case} trial {trial}", row)
+                    rows.append(row)
+            finally:
+                for name in paused:
+                    os.kill(pids[name], signal.SIGCONT)
+            out[case] = rows
+            time.sleep(2.0)  # let the resumed replicas drain what they held
+    finally:
+        cluster.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="one short trial of each (a smoke test)")
+    args = parser.parse_args()
+    trials, seconds, count = (1, 3.0, 100) if args.quick else (3, 15.0, 400)
+    report = {"machine": machine(), "quick": args.quick}
+    print(json.dumps(report["machine"]), flush=True)
+    report["overhead"] = overhead(trials, seconds)
+    report["throughput"] = throughput(args.bundle, trials, seconds)
+    report["deadline"] = deadline(args.bundle, trials, count, rate=40.0, deadline_ms=200.0)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
