@@ -185,21 +185,24 @@ def _add_eval_refinement(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import uvicorn
+    import threading
 
+    from app.serve import serve
     from workers.server import create_app
     from workers.settings import WorkerSettings
 
     overrides = {k: v for k, v in vars(args).items() if k in WorkerSettings.model_fields and v is not None}
     settings = WorkerSettings(**overrides)
     _configure_logging(args.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(args.graceful_s),
+    drain = threading.Event()
+    serve(
+        create_app(settings, drain),
+        settings.host,
+        settings.port,
+        args.log_level,
+        args.graceful_s,
+        args.drain_s,
+        drain.set,
     )
     return 0
 
@@ -214,7 +217,8 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="warning")
-    p.add_argument("--graceful-s", type=float, default=30.0, help="drain time on SIGTERM")
+    p.add_argument("--graceful-s", type=float, default=30.0, help="longest wait for in-flight work on SIGTERM")
+    p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
     p.set_defaults(func=_cmd_worker)
 
 
@@ -239,16 +243,22 @@ def _ensure_bundle(bundle: Path, coded_method: str) -> None:
 def _example_request(bundle: Path) -> Path:
     """A real test image as a ready-to-send V2 request, for the printed curl."""
     import json
+    import tempfile
 
     from models.data import load_split
 
     test = load_split("test").head(1)
-    path = bundle / "example-request.json"
     body = {
         "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": test.images.ravel().tolist()}]
     }
-    path.write_text(json.dumps(body))
-    return path
+    for folder in (bundle, Path(tempfile.gettempdir())):  # the bundle may be read-only (the container image)
+        path = folder / "example-request.json"
+        try:
+            path.write_text(json.dumps(body))
+            return path
+        except OSError:
+            continue
+    raise OSError("cannot write the example request anywhere")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -284,10 +294,11 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
+    import threading
 
     from app.group import GroupConfigError
     from app.main import create_app
+    from app.serve import serve
     from app.settings import GatewaySettings
 
     overrides: dict[str, object] = {
@@ -297,19 +308,13 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         overrides["replicas"] = dict(_replica(r) for r in args.replica)
     settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
     _configure_logging(args.log_level)
+    drain = threading.Event()
     try:
-        app = create_app(settings)
+        app = create_app(settings, drain)
     except GroupConfigError as exc:
         print(f"coinserve gateway: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.graceful_s),
-    )
+    serve(app, settings.host, settings.port, args.log_level, settings.graceful_s, args.drain_s, drain.set)
     return 0
 
 
@@ -330,6 +335,8 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--replica", action="append", help="NAME=URL of a member or coded replica (repeat)")
     p.add_argument("--hedge-replica", dest="hedge_replica", help="URL of a replica hosting every member (hedging)")
     p.add_argument("--max-batch", dest="max_batch", type=int)
+    p.add_argument("--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM")
+    p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_cmd_gateway)
 

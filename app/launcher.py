@@ -56,7 +56,7 @@ class Cluster:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
 
-def _spawn(name: str, port: int, args: list[str], env: dict[str, str]) -> Child:
+def spawn(name: str, port: int, args: list[str], env: dict[str, str]) -> Child:
     command = [sys.executable, "-m", "app.cli", *args]
     return Child(name, port, subprocess.Popen(command, env=env))
 
@@ -81,7 +81,7 @@ def start(
             p = free_port()
             extra = (worker_args or {}).get(name, [])
             args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(p), *extra]
-            cluster.children.append(_spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}))
+            cluster.children.append(spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}))
         replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.url}")]
         gateway = [
             "gateway",
@@ -94,7 +94,7 @@ def start(
             *replicas,
             *(gateway_args or []),
         ]
-        cluster.children.append(_spawn("gateway", port, gateway, env))
+        cluster.children.append(spawn("gateway", port, gateway, env))
     except BaseException:
         cluster.stop()
         raise

@@ -4,6 +4,7 @@ registry and the replica health checks, and hands them to the handlers as typed 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,18 +26,18 @@ from app.upstream import ReplicaClient
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings, drain: threading.Event | None = None) -> FastAPI:
     group = load_group(settings)  # fail at start, not on the first request
+    drain = drain or threading.Event()
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
         client = ReplicaClient(settings)
-        health_checks = ReplicaHealth(group, client, metrics)
+        health_checks = ReplicaHealth(group, client, metrics, drain)
         registry = StreamRegistry(settings.retention_s, settings.retention_max)
         gateway = Gateway(settings, group, client, Fanout(group, client, metrics), registry, metrics, health_checks)
-        app.state.gateway = gateway  # for the drain hook in cli.py
         await health_checks.check_all()
         await health_checks.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 
 from app.group import Group
 from app.metrics import GatewayMetrics
@@ -20,14 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaHealth:
-    def __init__(self, group: Group, client: ReplicaClient, metrics: GatewayMetrics) -> None:
+    def __init__(self, group: Group, client: ReplicaClient, metrics: GatewayMetrics, drain: threading.Event) -> None:
         self.group = group
         self.client = client
         self.metrics = metrics
         self.ready: dict[str, bool] = {name: False for name in group.urls}
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(0)
-        self.draining = False
+        self.drain = drain  # set on SIGTERM: readiness fails while in-flight work finishes
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.is_set()
 
     def is_ready(self) -> bool:
         if self.draining:

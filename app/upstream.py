@@ -82,12 +82,13 @@ class _Pool:
         self.slots = asyncio.Semaphore(limit)
         self.connect_timeout_s = connect_timeout_s
 
-    async def acquire(self) -> _Connection:
+    async def acquire(self, fresh: bool = False) -> tuple[_Connection, bool]:
+        """(connection, reused): an idle keep-alive connection unless `fresh`, else a new one."""
         await self.slots.acquire()
-        while self.idle:
+        while self.idle and not fresh:
             conn = self.idle.pop()
             if not conn.closed:
-                return conn
+                return conn, True
         try:
             loop = asyncio.get_running_loop()
             _, conn = await asyncio.wait_for(
@@ -96,7 +97,7 @@ class _Pool:
         except BaseException:
             self.slots.release()
             raise
-        return conn
+        return conn, False
 
     def release(self, conn: _Connection, reuse: bool) -> None:
         if reuse and conn.reusable():
@@ -139,32 +140,40 @@ class ReplicaClient:
             pool.close()
 
     async def _request(self, replica: str, url: str, head: bytes, body: bytes) -> AsyncIterator[bytes]:
-        """Send one request; yield the body chunks of the reply (status already checked)."""
+        """Send one request; yield the body chunks of the reply (status already checked).
+
+        A reused keep-alive connection that dies before any reply byte (the replica closed it as
+        idle just as we wrote) is retried once on a fresh connection: inference is idempotent.
+        """
         pool = self._pool(url)
-        try:
-            conn = await pool.acquire()
-        except (OSError, TimeoutError) as exc:
-            raise ReplicaError(replica, "connection", f"{type(exc).__name__}: {exc}") from exc
-        complete = False
-        try:
-            assert conn.transport is not None
-            conn.transport.write(head + body)
-            first = await conn.chunks.get()
-            if isinstance(first, Exception):
-                raise ReplicaError(replica, "connection", str(first))
-            if conn.status != 200:
-                rest = b"" if first is _END else first + await _drain(conn)
+        for attempt in range(2):
+            try:
+                conn, reused = await pool.acquire(fresh=attempt > 0)
+            except (OSError, TimeoutError) as exc:
+                raise ReplicaError(replica, "connection", f"{type(exc).__name__}: {exc}") from exc
+            complete = False
+            try:
+                assert conn.transport is not None
+                conn.transport.write(head + body)
+                first = await conn.chunks.get()
+                if isinstance(first, Exception):
+                    if reused and attempt == 0 and isinstance(first, ConnectionError):
+                        continue
+                    raise ReplicaError(replica, "connection", str(first))
+                if conn.status != 200:
+                    rest = b"" if first is _END else first + await _drain(conn)
+                    complete = True
+                    raise ReplicaError(replica, f"http_{conn.status}", rest[:200].decode(errors="replace"))
+                item = first
+                while item is not _END:
+                    if isinstance(item, Exception):
+                        raise ReplicaError(replica, "connection", str(item))
+                    yield item
+                    item = await conn.chunks.get()
                 complete = True
-                raise ReplicaError(replica, f"http_{conn.status}", rest[:200].decode(errors="replace"))
-            item = first
-            while item is not _END:
-                if isinstance(item, Exception):
-                    raise ReplicaError(replica, "connection", str(item))
-                yield item
-                item = await conn.chunks.get()
-            complete = True
-        finally:
-            pool.release(conn, reuse=complete)
+                return
+            finally:
+                pool.release(conn, reuse=complete)
 
     async def stream(
         self, replica: str, url: str, model: str, body: bytes, header_length: int, lines: bool = True

@@ -52,13 +52,17 @@ async def _error(send: Send, status: int, message: str) -> None:
     await _respond(send, status, orjson.dumps({"error": message}))
 
 
+class _ClientGone(Exception):
+    pass
+
+
 async def _read_body(receive: Receive) -> bytes | None:
-    """The whole body, or None when it exceeds MAX_BODY or the client left."""
+    """The whole body, or None when it exceeds MAX_BODY; raises _ClientGone if the client left."""
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return None
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
@@ -75,7 +79,11 @@ async def _infer(worker: WorkerState, served: Served, scope: Scope, receive: Rec
         worker.metrics.requests.labels("unauthorized").inc()
         await _error(send, 401, "unauthorized")
         return
-    body = await _read_body(receive)
+    try:
+        body = await _read_body(receive)
+    except _ClientGone:
+        worker.metrics.requests.labels("cancelled").inc()
+        return
     if body is None:
         await _error(send, 413, f"request body larger than {MAX_BODY} bytes")
         return
@@ -90,8 +98,13 @@ async def _infer(worker: WorkerState, served: Served, scope: Scope, receive: Rec
         worker.metrics.requests.labels("injected_error").inc()
         await _error(send, 500, "injected fault")
         return
-    served.batcher.submit(job)
     listener = asyncio.create_task(_watch_disconnect(receive, job))
+    await asyncio.sleep(0)  # let the listener look first: after a pause, many queued callers have long gone
+    if job.cancelled:
+        listener.cancel()
+        worker.metrics.requests.labels("cancelled").inc()
+        return
+    served.batcher.submit(job)
     worker.metrics.in_flight.inc()
     outcome = "cancelled"
     try:

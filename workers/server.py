@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
     return WorkerState(settings, bundle, models, faults, metrics, classes)
 
 
-def create_app(settings: WorkerSettings) -> ASGIApp:
+def create_app(settings: WorkerSettings, drain: threading.Event | None = None) -> ASGIApp:
     metrics = WorkerMetrics()
 
     @asynccontextmanager
@@ -122,7 +123,7 @@ def create_app(settings: WorkerSettings) -> ASGIApp:
                 await served.batcher.stop()
 
     app = FastAPI(title=f"coinserve worker {settings.model}", lifespan=lifespan, docs_url=None, redoc_url=None)
-    _routes(app, settings)
+    _routes(app, settings, drain or threading.Event())
     from workers.endpoint import InferEndpoint  # it imports this module's WorkerState
 
     return InferEndpoint(app, model_names(settings))
@@ -132,7 +133,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _routes(app: FastAPI, settings: WorkerSettings) -> None:
+def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> None:
     names = model_names(settings)
 
     def unknown(model: str) -> JSONResponse:
@@ -143,8 +144,10 @@ def _routes(app: FastAPI, settings: WorkerSettings) -> None:
         return {"live": True}
 
     @app.get("/v2/health/ready")
-    async def ready(request: Request) -> dict[str, bool]:
-        return {"ready": hasattr(request.state, "worker")}
+    async def ready(request: Request) -> Response:
+        if drain.is_set():
+            return JSONResponse({"ready": False, "error": "draining: shutting down"}, status_code=503)
+        return JSONResponse({"ready": hasattr(request.state, "worker")})
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.deps import check_auth, check_group, state_of
-from app.errors import TooManyRequestsError, UnavailableError
+from app.errors import TooManyRequestsError
 from app.fanout import Update
 from app.sse import KEEPALIVE, STREAM_HEADERS, format_event, preamble, response_body
 from app.state import Gateway
@@ -23,8 +23,6 @@ router = APIRouter()
 
 def admit(gw: Gateway, stream: bool) -> None:
     """Back-pressure: refuse beyond the configured limits instead of queueing without bound."""
-    if gw.health.draining:
-        raise UnavailableError("the gateway is shutting down", headers={"Retry-After": "1"})
     if gw.inflight >= gw.settings.max_concurrent_requests:
         raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
     if stream and gw.open_streams >= gw.settings.max_open_streams:

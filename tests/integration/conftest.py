@@ -67,10 +67,13 @@ class Running:
 
 @contextmanager
 def running(
-    bundle: Path, worker_env: dict[str, dict[str, str]] | None = None, gateway_args: list[str] | None = None
+    bundle: Path,
+    worker_env: dict[str, dict[str, str]] | None = None,
+    gateway_args: list[str] | None = None,
+    worker_args: dict[str, list[str]] | None = None,
 ) -> Iterator[Running]:
     port = launcher.free_port()
-    cluster = launcher.start(bundle, port, worker_env=worker_env, gateway_args=gateway_args)
+    cluster = launcher.start(bundle, port, worker_env=worker_env, gateway_args=gateway_args, worker_args=worker_args)
     try:
         launcher.wait_ready(cluster, timeout_s=90)
         yield Running(cluster, port)

