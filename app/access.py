@@ -38,7 +38,7 @@ class AccessLogMiddleware:
         start = time.perf_counter()
         status = {"code": 0, "started": False}
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
             await _too_large(send, request_id, self.max_body_bytes)
             self._log(scope, 413, start, request_id)
             return

@@ -378,12 +378,19 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
     from models.errors import ModelsError
 
     try:
         code: int = args.func(args)
     except ModelsError as exc:
         print(f"coinserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a bad setting: name it, without the input (it may be a secret)
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"coinserve {args.command}: {where}: {error['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -19,9 +19,10 @@ def state_of(request: Request) -> Gateway:
 def check_auth(gw: Gateway, request: Request) -> None:
     """Bearer-token check when a token is configured; constant-time, no detail in the error."""
     token = gw.settings.auth_token
-    if token:
+    if token is not None:
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode()):
             raise UnauthorizedError("unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -21,6 +21,7 @@ from app.errors import ReplicaError
 from app.group import Group
 from app.hedging import LatencyTracker
 from app.metrics import GatewayMetrics
+from app.replicas import ReplicaHealth
 from app.upstream import ReplicaClient
 from workers.protocol import ProtocolError, encode_binary_request, parse_response
 
@@ -67,10 +68,13 @@ _DONE = object()
 
 
 class Fanout:
-    def __init__(self, group: Group, client: ReplicaClient, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, group: Group, client: ReplicaClient, metrics: GatewayMetrics, health: ReplicaHealth | None = None
+    ) -> None:
         self.group = group
         self.client = client
         self.metrics = metrics
+        self.health = health
         self.decoder = group.decoder()
         self.latency = LatencyTracker(quantile=group.hedge_quantile)
 
@@ -85,13 +89,17 @@ class Fanout:
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         call = _Call(self, body, header_length, len(images), refine, queue)
         hedge = self.group.hedge_url is not None and not refine
+        skipped = self.health.unreachable if self.health is not None else set()
         tasks = {
             name: asyncio.create_task(
                 call.hedged(name) if hedge and name in self.group.members else call.reported(name)
             )
             for name in [*members, *coded]
+            if name not in skipped
         }
         run = _Run(self, members, options, started)
+        for name in skipped:
+            run.failures[name] = ReplicaError(name, "unreachable", "refused connections; waiting for a health check")
         try:
             async for update in run.loop(queue, tasks):
                 yield update
@@ -133,6 +141,8 @@ class _Call:
                 self.queue.put_nowait((name, Answer(probs, resolution, real=True)))
         except ReplicaError as exc:
             self.fanout.metrics.replica_errors.labels(name, exc.kind).inc()
+            if exc.kind == "unreachable" and self.fanout.health is not None and url == self.group.urls.get(name):
+                self.fanout.health.mark_unreachable(name)
             raise
         elapsed = time.perf_counter() - start
         self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
@@ -228,6 +238,9 @@ class _Run:
             remaining = self.fanout.client.settings.upstream_timeout_s
         timeout = asyncio.get_running_loop().time() + remaining
         answers: dict[str, Answer] = {}
+        if not self.pending:  # every replica's circuit is open: fail now, not at the time-out
+            yield self._failed()
+            return
         try:
             async with asyncio.timeout_at(timeout):
                 while True:

@@ -56,9 +56,14 @@ class Cluster:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
 
-def spawn(name: str, port: int, args: list[str], env: dict[str, str]) -> Child:
+def spawn(name: str, port: int, args: list[str], env: dict[str, str], log_dir: Path | None = None) -> Child:
+    """Start `coinserve ARGS`; its output goes to ours, or appends to LOG_DIR/NAME.log."""
     command = [sys.executable, "-m", "app.cli", *args]
-    return Child(name, port, subprocess.Popen(command, env=env))
+    if log_dir is None:
+        return Child(name, port, subprocess.Popen(command, env=env))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        return Child(name, port, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
 
 
 def start(
@@ -69,6 +74,7 @@ def start(
     gateway_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     worker_env: dict[str, dict[str, str]] | None = None,
+    log_dir: Path | None = None,
 ) -> Cluster:
     """Start every process; returns without waiting for readiness (see `wait_ready`)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -81,7 +87,7 @@ def start(
             p = free_port()
             extra = (worker_args or {}).get(name, [])
             args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(p), *extra]
-            cluster.children.append(spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}))
+            cluster.children.append(spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}, log_dir))
         replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.url}")]
         gateway = [
             "gateway",
@@ -94,7 +100,7 @@ def start(
             *replicas,
             *(gateway_args or []),
         ]
-        cluster.children.append(spawn("gateway", port, gateway, env))
+        cluster.children.append(spawn("gateway", port, gateway, env, log_dir))
     except BaseException:
         cluster.stop()
         raise

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import disable_created_metrics
@@ -37,7 +38,8 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
         client = ReplicaClient(settings)
         health_checks = ReplicaHealth(group, client, metrics, drain)
         registry = StreamRegistry(settings.retention_s, settings.retention_max)
-        gateway = Gateway(settings, group, client, Fanout(group, client, metrics), registry, metrics, health_checks)
+        fanout = Fanout(group, client, metrics, health_checks)
+        gateway = Gateway(settings, group, client, fanout, registry, metrics, health_checks)
         await health_checks.check_all()
         await health_checks.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
@@ -49,9 +51,20 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
             await client.close()
 
     app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
+    _routes(app)
+    app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def _routes(app: FastAPI) -> None:
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(infer.router)
     app.include_router(requests.router)
-    app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
-    return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The gateway's OpenAPI schema, without a bundle or replicas (for docs and schema fuzzing)."""
+    app = FastAPI(title="coinserve gateway", version="0.1.0")
+    _routes(app)
+    return app.openapi()

@@ -38,6 +38,12 @@ class GatewayMetrics:
         self.replica_ready = Gauge(
             "coinserve_replica_ready", "1 when the replica's readiness check passes", ["replica"], registry=r
         )
+        self.replica_circuit_open = Gauge(
+            "coinserve_replica_circuit_open",
+            "1 while calls skip the replica (it refused a connection; cleared by a passing health check)",
+            ["replica"],
+            registry=r,
+        )
         self.hedges = Counter("coinserve_hedged_calls_total", "Member calls re-sent to the hedging replica", registry=r)
         self.inflight = Gauge("coinserve_inflight_requests", "Requests being answered", registry=r)
         self.streams = Gauge("coinserve_open_streams", "Open server-sent-event streams", registry=r)

@@ -1,9 +1,16 @@
-"""Replica readiness, re-checked in the background with per-replica exponential backoff.
+"""Replica readiness, re-checked in the background with per-replica exponential backoff, and the
+circuit breaker that keeps requests away from replicas that refuse connections.
 
 A replica that fails its check is tried again after 2×, 4×, … the interval (capped), with jitter so
 that replicas that went down together are not all re-checked at the same instant; a replica that
 passes is back at the normal interval. The gateway is ready when enough replicas are: every member,
 or all but as many members as there are ready coded replicas to decode them.
+
+A call that cannot even connect (refused, unreachable) opens the replica's circuit: requests stop
+calling it (its answer is decoded, or the request fails at once if it cannot be) and its health
+check runs at once, then with backoff; the first passing check closes the circuit. A replica that
+is merely slow (a SIGSTOPped process still accepts connections) is never skipped: the deadline and
+the coded replica deal with it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ class ReplicaHealth:
         self.client = client
         self.metrics = metrics
         self.ready: dict[str, bool] = {name: False for name in group.urls}
+        self.unreachable: set[str] = set()  # open circuits: calls skip these replicas
+        self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in group.urls}
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(0)
         self.drain = drain  # set on SIGTERM: readiness fails while in-flight work finishes
@@ -40,6 +49,16 @@ class ReplicaHealth:
         down_members = sum(not self.ready[m] for m in self.group.members)
         up_coded = sum(self.ready[c] for c in self.group.coded)
         return down_members <= up_coded
+
+    def mark_unreachable(self, name: str) -> None:
+        """A call could not connect: skip the replica until a health check passes again."""
+        if name in self.unreachable or name not in self.ready:
+            return
+        logger.warning("replica %s refused a connection: skipped until a health check passes", name)
+        self.unreachable.add(name)
+        self.metrics.replica_circuit_open.labels(name).set(1)
+        self._set(name, False)
+        self._wake[name].set()
 
     async def check_all(self) -> None:
         results = await asyncio.gather(*(self._check(name) for name in self.ready))
@@ -59,6 +78,10 @@ class ReplicaHealth:
                 logger.warning("replica %s is NOT ready", name)
         self.ready[name] = ok
         self.metrics.replica_ready.labels(name).set(1 if ok else 0)
+        if ok and name in self.unreachable:
+            self.unreachable.discard(name)
+            self.metrics.replica_circuit_open.labels(name).set(0)
+            logger.info("replica %s answers its health check again: calls resume", name)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch_all(), name="replica-health")
@@ -74,8 +97,13 @@ class ReplicaHealth:
     async def _watch(self, name: str) -> None:
         interval = self.client.settings.health_interval_s
         wait = interval
+        wake = self._wake[name]
         while True:
+            wake.clear()
             ok = await self._check(name)
             self._set(name, ok)
             wait = interval if ok else min(wait * 2, self.client.settings.health_backoff_max_s)
-            await asyncio.sleep(wait * self._rng.uniform(0.8, 1.2))
+            try:  # sleep with jitter, or until a failed call asks for a check now
+                await asyncio.wait_for(wake.wait(), wait * self._rng.uniform(0.8, 1.2))
+            except TimeoutError:
+                pass

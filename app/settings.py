@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.secret_files import resolve_secret
 
 
 class GatewaySettings(BaseSettings):
@@ -37,7 +39,15 @@ class GatewaySettings(BaseSettings):
     retention_s: float = Field(300.0, gt=0, description="how long finished /v1/requests streams stay resumable")
     retention_max: int = Field(1000, ge=1, description="most retained /v1/requests streams")
     health_interval_s: float = Field(2.0, gt=0, description="replica readiness re-check interval")
-    health_backoff_max_s: float = Field(30.0, gt=0, description="longest wait between checks of a down replica")
-    auth_token: str | None = Field(None, description="if set, clients must send Authorization: Bearer <token>")
-    worker_secret: str | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")
+    health_backoff_max_s: float = Field(10.0, gt=0, description="longest wait between checks of a down replica")
+    auth_token: SecretStr | None = Field(None, description="if set, clients must send Authorization: Bearer <token>")
+    auth_token_file: Path | None = Field(None, description="read auth_token from this file (a mounted secret)")
+    worker_secret: SecretStr | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")
+    worker_secret_file: Path | None = Field(None, description="read worker_secret from this file")
     graceful_s: float = Field(65.0, gt=0, description="drain time on SIGTERM, larger than max_deadline_ms")
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> GatewaySettings:
+        self.auth_token = resolve_secret("auth_token", self.auth_token, self.auth_token_file)
+        self.worker_secret = resolve_secret("worker_secret", self.worker_secret, self.worker_secret_file)
+        return self

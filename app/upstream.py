@@ -121,7 +121,7 @@ class ReplicaClient:
         self.settings = settings
         self.pools: dict[str, _Pool] = {}
         secret = settings.worker_secret
-        self.extra_headers = f"{SECRET_HEADER}: {secret}\r\n".encode() if secret else b""
+        self.extra_headers = f"{SECRET_HEADER}: {secret.get_secret_value()}\r\n".encode() if secret else b""
 
     def _pool(self, url: str) -> _Pool:
         pool = self.pools.get(url)
@@ -150,7 +150,7 @@ class ReplicaClient:
             try:
                 conn, reused = await pool.acquire(fresh=attempt > 0)
             except (OSError, TimeoutError) as exc:
-                raise ReplicaError(replica, "connection", f"{type(exc).__name__}: {exc}") from exc
+                raise ReplicaError(replica, "unreachable", f"cannot connect: {type(exc).__name__}: {exc}") from exc
             complete = False
             try:
                 assert conn.transport is not None

@@ -52,7 +52,7 @@ def json_body(images: np.ndarray, parameters: dict[str, Any] | None = None) -> b
     return orjson.dumps(body)
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, sse: bool, t0: float) -> Sample:
+async def send_one(session: aiohttp.ClientSession, url: str, body: bytes, sse: bool, t0: float) -> Sample:
     start = time.perf_counter()
     headers = {"Content-Type": "application/json", **({"Accept": "text/event-stream"} if sse else {})}
     try:
@@ -106,7 +106,7 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: 
 
         async def client() -> None:
             while time.perf_counter() < stop:
-                run.samples.append(await _one(session, url, bodies[next(counter) % len(bodies)], sse, t0))
+                run.samples.append(await send_one(session, url, bodies[next(counter) % len(bodies)], sse, t0))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         run.seconds = time.perf_counter() - t0
@@ -137,7 +137,7 @@ async def open_loop(
                 await asyncio.sleep(delay)
             if on_send is not None:
                 on_send(i)
-            tasks.append(asyncio.create_task(_one(session, url, bodies[i % len(bodies)], sse, t0)))
+            tasks.append(asyncio.create_task(send_one(session, url, bodies[i % len(bodies)], sse, t0)))
         run.samples = list(await asyncio.gather(*tasks))
         run.seconds = time.perf_counter() - t0
     return run

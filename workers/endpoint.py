@@ -75,7 +75,7 @@ async def _read_body(receive: Receive) -> bytes | None:
 async def _infer(worker: WorkerState, served: Served, scope: Scope, receive: Receive, send: Send) -> None:
     headers = dict(scope["headers"])
     secret = worker.settings.shared_secret
-    if secret and not hmac.compare_digest(headers.get(_SECRET, b""), secret.encode()):
+    if secret is not None and not hmac.compare_digest(headers.get(_SECRET, b""), secret.get_secret_value().encode()):
         worker.metrics.requests.labels("unauthorized").inc()
         await _error(send, 401, "unauthorized")
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,5 +43,13 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
     max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
     threads: int = Field(1, ge=1, description="torch threads: one per replica, replicas share the cores")
-    shared_secret: str | None = Field(None, description="if set, calls must carry it as X-Coinserve-Secret")
+    shared_secret: SecretStr | None = Field(None, description="if set, calls must carry it as X-Coinserve-Secret")
+    shared_secret_file: Path | None = Field(None, description="read shared_secret from this file (a mounted secret)")
     faults: FaultSettings = Field(default_factory=FaultSettings)
+
+    @model_validator(mode="after")
+    def _read_secret_file(self) -> WorkerSettings:
+        from workers.secret_files import resolve_secret
+
+        self.shared_secret = resolve_secret("shared_secret", self.shared_secret, self.shared_secret_file)
+        return self

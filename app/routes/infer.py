@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -65,10 +66,13 @@ async def with_keepalive(updates: AsyncIterator[Update], interval_s: float) -> A
             pending = None
             yield update
     finally:
-        if pending is not None:  # the client left: stop the fan-out and collect what it raised
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await iterator.aclose()  # type: ignore[attr-defined]
+        # A client that hangs up cancels the request's task, and anyio then cancels every await in
+        # it again: clean up under a shield, or the fan-out's replica calls live on until GC.
+        with anyio.CancelScope(shield=True):
+            if pending is not None:  # the client left: stop the fan-out and collect what it raised
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            await iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def sse_events(
@@ -78,9 +82,10 @@ async def sse_events(
     gw.metrics.streams.inc()
     first: float | None = None
     last: Update | None = None
+    watched = with_keepalive(updates, gw.settings.keepalive_s)
     try:
         yield preamble()
-        async for update in with_keepalive(updates, gw.settings.keepalive_s):
+        async for update in watched:
             if update is None:
                 yield KEEPALIVE
                 continue
@@ -88,6 +93,8 @@ async def sse_events(
             first = update.elapsed_ms if first is None and update.event != "error" else first
             yield format_event(update, gw.group, request_id)
     finally:
+        with anyio.CancelScope(shield=True):  # see with_keepalive
+            await watched.aclose()  # type: ignore[attr-defined]
         gw.open_streams -= 1
         gw.metrics.streams.dec()
         if last is not None and last.event in ("final", "error"):
@@ -123,12 +130,14 @@ async def json_answer(
         if not answer.done():
             answer.cancel()
             gw.metrics.requests.labels("infer", "client_gone").inc()
-        await asyncio.gather(answer, watcher, return_exceptions=True)
-        await updates.aclose()  # type: ignore[attr-defined]
+        with anyio.CancelScope(shield=True):  # see sse_events
+            await asyncio.gather(answer, watcher, return_exceptions=True)
+            await updates.aclose()  # type: ignore[attr-defined]
     update, first = answer.result()
     record(gw, "infer", update, first)
     body = orjson.dumps(response_body(update, gw.group, request_id))
-    return Response(body, status_code=update.status, media_type="application/json")
+    headers = {"Retry-After": "1"} if update.status == 503 else None
+    return Response(body, status_code=update.status, media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -152,8 +161,8 @@ async def infer(group: str, request: Request) -> Response:
     # gateway's CPU (docs/serving.md).
     started = time.perf_counter()
     gw = state_of(request)
+    check_auth(gw, request)  # before anything else: strangers learn nothing, not even group names
     check_group(gw, group)
-    check_auth(gw, request)
     stream = "text/event-stream" in request.headers.get("accept", "")
     admit(gw, stream)
     images, options, request_id = parse(await request.body(), gw.group, gw.settings, stream)

@@ -70,7 +70,7 @@ async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
 
 def _last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id") or "0"
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise BadRequestError(f"Last-Event-ID must be a non-negative integer, got {raw!r}")
     return int(raw)
 

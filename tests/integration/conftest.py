@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,9 +72,21 @@ def running(
     worker_env: dict[str, dict[str, str]] | None = None,
     gateway_args: list[str] | None = None,
     worker_args: dict[str, list[str]] | None = None,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> Iterator[Running]:
+    """The bundle's members, its COIN coded replica and a gateway, started and ready; `env` goes to
+    every process, `worker_env`/`worker_args` to the named workers; `log_dir` collects their output."""
     port = launcher.free_port()
-    cluster = launcher.start(bundle, port, worker_env=worker_env, gateway_args=gateway_args, worker_args=worker_args)
+    cluster = launcher.start(
+        bundle,
+        port,
+        worker_env=worker_env,
+        gateway_args=gateway_args,
+        worker_args=worker_args,
+        env=env,
+        log_dir=log_dir,
+    )
     try:
         launcher.wait_ready(cluster, timeout_s=90)
         yield Running(cluster, port)
@@ -118,3 +131,36 @@ def parse_sse(text: str) -> list[dict]:
 
 def argmaxes(data: dict) -> dict[str, int]:
     return {o["name"]: int(np.argmax(o["data"])) for o in data["outputs"]}
+
+
+@dataclass
+class BackgroundStream:
+    """An SSE request read on its own thread: `coarse` is set when the coarse event arrives,
+    `events` holds every event once the stream has ended (`join`)."""
+
+    thread: threading.Thread
+    events: list[dict]
+    coarse: threading.Event
+
+    def join(self, timeout: float) -> list[dict]:
+        self.thread.join(timeout)
+        return self.events
+
+
+def stream_in_background(url: str, body: dict) -> BackgroundStream:
+    events: list[dict] = []
+    coarse = threading.Event()
+
+    def read() -> None:
+        text = ""
+        headers = {"Accept": "text/event-stream"}
+        with httpx.stream("POST", f"{url}/v2/models/fashion/infer", json=body, headers=headers, timeout=30) as r:
+            for chunk in r.iter_text():
+                text += chunk
+                if "event: coarse" in text:
+                    coarse.set()
+        events.extend(parse_sse(text))
+
+    stream = BackgroundStream(threading.Thread(target=read), events, coarse)
+    stream.thread.start()
+    return stream

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.integration.conftest import parse_sse, request_body, running, with_plan
+from tests.integration.conftest import request_body, running, stream_in_background, with_plan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -30,32 +29,13 @@ def test_sigterm_fails_readiness_finishes_the_stream_then_exits(coded_bundle, tm
     env = {name: slow for name in ("member-0", "member-1", "member-2", "coded-coin-0")}
     with running(bundle, worker_env=env, gateway_args=["--drain-s", "1"]) as service:
         gateway = service.child("gateway")
-        events: list[dict] = []
-        coarse = threading.Event()
-
-        def stream() -> None:
-            text = ""
-            with httpx.stream(
-                "POST",
-                f"{service.url}/v2/models/fashion/infer",
-                json=request_body(1),
-                headers={"Accept": "text/event-stream"},
-                timeout=30,
-            ) as r:
-                for chunk in r.iter_text():
-                    text += chunk
-                    if "event: coarse" in text:
-                        coarse.set()
-            events.extend(parse_sse(text))
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert coarse.wait(10)
+        stream = stream_in_background(service.url, request_body(1))
+        assert stream.coarse.wait(10)
         gateway.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         assert httpx.get(f"{service.url}/v2/health/ready", timeout=5).status_code == 503
         assert httpx.get(f"{service.url}/v2/health/live", timeout=5).status_code == 200
-        reader.join(30)
+        events = stream.join(30)
         time.sleep(1.5)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{service.url}/v2/health/live", timeout=2)

@@ -1,0 +1,96 @@
+"""Authentication with real processes: a client bearer token on the gateway and a separate shared
+secret between gateway and workers, both read from mounted files, neither ever written to a log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Running, request_body, running
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+TOKEN = "client-token-7f3a9c"
+SECRET = "worker-secret-51be02"
+
+
+@pytest.fixture(scope="module")
+def secured(coded_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Path]]:
+    folder = tmp_path_factory.mktemp("secrets")
+    (folder / "token").write_text(TOKEN + "\n")  # as `kubectl create secret` files often end
+    (folder / "worker").write_text(SECRET)
+    logs = folder / "logs"
+    env = {
+        "COINSERVE_AUTH_TOKEN_FILE": str(folder / "token"),
+        "COINSERVE_WORKER_SECRET_FILE": str(folder / "worker"),  # the gateway sends it
+        "COINSERVE_WORKER_SHARED_SECRET_FILE": str(folder / "worker"),  # the workers demand it
+    }
+    with running(coded_bundle, env=env, log_dir=logs, gateway_args=["--log-level", "debug"]) as service:
+        yield service, logs
+
+
+def infer(service: Running, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{service.url}/v2/models/fashion/infer", json=request_body(1), headers=headers, timeout=30)
+
+
+def test_the_right_token_is_served(secured):
+    service, _ = secured
+    response = infer(service, {"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200 and response.json()["outputs"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}],
+    ids=["missing", "wrong", "no-scheme", "basic"],
+)
+def test_a_missing_or_wrong_token_gets_401_and_no_detail(secured, headers):
+    service, _ = secured
+    response = infer(service, headers)
+    assert response.status_code == 401
+    assert response.json() == {"error": "unauthorized"}  # the same answer whatever was wrong
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_streams_and_resumption_need_the_token_too(secured):
+    service, _ = secured
+    created = httpx.post(f"{service.url}/v1/requests", json=request_body(1), timeout=30)
+    assert created.status_code == 401
+    created = httpx.post(
+        f"{service.url}/v1/requests", json=request_body(1), headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
+    assert created.status_code in (200, 201, 202)
+    events_url = f"{service.url}/v1/requests/{created.json()['id']}/events"
+    assert httpx.get(events_url, timeout=30).status_code == 401
+
+
+def test_probes_stay_open_for_the_kubelet(secured):
+    service, _ = secured
+    assert httpx.get(f"{service.url}/v2/health/live", timeout=5).status_code == 200
+    assert httpx.get(f"{service.url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_workers_refuse_calls_without_the_gateway_secret(secured):
+    service, _ = secured
+    worker = service.child("member-0")
+    url = f"{worker.url}/v2/models/member-0/infer"
+    assert httpx.post(url, json=request_body(1), timeout=30).status_code == 401
+    wrong = httpx.post(url, json=request_body(1), headers={"X-Coinserve-Secret": SECRET[:-1]}, timeout=30)
+    assert wrong.status_code == 401
+    right = httpx.post(url, json=request_body(1), headers={"X-Coinserve-Secret": SECRET}, timeout=30)
+    assert right.status_code == 200
+    assert httpx.get(f"{worker.url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_no_secret_reaches_a_log(secured):
+    """Runs last: after every call above (debug logging on the gateway), grep every process's output."""
+    service, logs = secured
+    infer(service, {"Authorization": f"Bearer {TOKEN}"})
+    infer(service, {"Authorization": "Bearer guess"})
+    files = list(logs.glob("*.log"))
+    assert len(files) == len(service.cluster.children)
+    text = "".join(f.read_text(errors="replace") for f in files)
+    assert text  # the logs are really there (access logs at least)
+    assert TOKEN not in text and SECRET not in text and "guess" not in text

@@ -1,0 +1,24 @@
+"""The soak, shortened for CI: one minute at 70% of the measured capacity with SIGSTOP stragglers on
+every replica but one, and that one killed with SIGKILL every 15 s and restarted. The ten-minute
+run is `coinserve bench soak` (docs/results/soak.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.soak import soak
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def test_one_minute_soak_loses_nothing_and_leaks_nothing(coded_bundle):
+    result = soak(coded_bundle, 60.0, load=0.7, kill_every_s=15.0, down_s=2.0, intensity="medium", quiet=True)
+    summary = {k: v for k, v in result.items() if k not in ("rss_series", "processes")}
+    assert result["sent"] > 1000, summary
+    assert result["lost"] == 0, summary
+    assert result["finals"] > 0.9 * result["sent"], summary  # errors are allowed, but they are the exception
+    assert result["kills"] >= 3, summary
+    assert result["all_alive_at_end"], summary
+    judged = [p for p in result["processes"] if p["judged"]]
+    assert len(judged) == 4  # gateway, two members, the coded replica
+    assert result["max_growth"] < 0.10, result["processes"]
