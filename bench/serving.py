@@ -174,6 +174,17 @@ def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: fl
     return out
 
 
+def _no_nan(value: Any) -> Any:
+    """NaN (a percentile of no samples) becomes null: strict JSON readers refuse NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
@@ -188,7 +199,7 @@ def main() -> None:
     report["deadline"] = deadline(args.bundle, trials, count, rate=40.0, deadline_ms=200.0)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        args.json.write_text(json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
 
 

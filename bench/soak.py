@@ -75,6 +75,7 @@ class Chaos(threading.Thread):
         self.stop_flag = threading.Event()
         self.t0 = time.perf_counter()
         self.kills = 0
+        self.kill_times: list[float] = []
         self.incarnations = {c.name: [Incarnation(c.name, c.process.pid, 0.0)] for c in cluster.children}
 
     def now(self) -> float:
@@ -101,8 +102,8 @@ class Chaos(threading.Thread):
         old.process.send_signal(signal.SIGKILL)
         old.process.wait()
         self.kills += 1
-        if self.stop_flag.wait(self.down_s):
-            return
+        self.kill_times.append(self.now())
+        time.sleep(self.down_s)  # restarted even when the soak is ending: every process alive at the end
         args = ["worker", "--bundle", str(self.bundle), "--model", self.victim, "--port", str(old.port)]
         new = launcher.spawn(self.victim, old.port, args, dict(os.environ))
         self.cluster.children[index] = new
@@ -219,7 +220,7 @@ def soak(
         asyncio.run(_capacity(url, bodies, 2.0, concurrency=8))  # warm-up
         capacity = None
         if rate is None:
-            capacity = asyncio.run(_capacity(url, bodies, 5.0))
+            capacity = asyncio.run(_capacity(url, bodies, 8.0))
             rate = load * capacity
         replicas = [c for c in cluster.children if c.name not in ("gateway", victim)]
         pauses = schedule(seconds, len(replicas), intensity, seed)
@@ -286,6 +287,18 @@ def summarise(
         "by_kind": {
             kind: dict(Counter(s.outcome for k, s in results if k == kind)) for kind in sorted({k for k, _ in results})
         },
+        "final_ms_by_kind": {
+            kind: dict(
+                zip(
+                    ("p50", "p99", "p999"),
+                    (round(v, 1) for v in percentiles([s.final_ms for k, s in results if k == kind])),
+                    strict=True,
+                )
+            )
+            for kind in sorted({k for k, _ in results})
+        },
+        "kill_times_s": [round(t, 1) for t in chaos.kill_times],
+        "latency_series": [(round(s.sent_at, 3), round(s.final_ms, 1), kind) for kind, s in results],
         "approximate_finals": sum(
             1 for _, s in results if s.outcome == "final" and (s.body or {}).get("parameters", {}).get("approximate")
         ),
@@ -325,6 +338,22 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
     ax.legend(fontsize=7, ncol=3)
     fig.savefig(out / "soak_rss.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for kind in KINDS:
+        points = [(t, ms) for t, ms, k in result["latency_series"] if k == kind]
+        if points:
+            t, ms = zip(*points, strict=True)
+            ax.scatter(t, ms, s=1, alpha=0.4, label=kind)
+    for i, t in enumerate(result["kill_times_s"]):
+        ax.axvline(t, color="red", alpha=0.3, linewidth=0.8, label="SIGKILL of the victim" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds into the soak (request sent)")
+    ax.set_ylabel("time to the terminal event (ms, log scale)")
+    ax.set_title("Every request of the soak")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, markerscale=8)
+    fig.savefig(out / "soak_latency.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     m = settings["machine"]
     counts = ("sent", "finals", "errors", "lost", "approximate_finals", "kills", "pauses", "p50_ms", "p99_ms")
     lines = [
@@ -342,7 +371,10 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
         "",
         markdown_table([{k: result[k] for k in counts}], counts),
         "",
-        f"Outcomes: `{json.dumps(result['outcomes'])}`; by request kind: `{json.dumps(result['by_kind'])}`.",
+        f"Outcomes: `{json.dumps(result['outcomes'])}`; by request kind: `{json.dumps(result['by_kind'])}`; "
+        f"time to the terminal event by kind (ms): `{json.dumps(result['final_ms_by_kind'])}`.",
+        "",
+        "![soak_latency.png](soak_latency.png)",
         "",
         f"Resident memory: median of the first {result['rss_window_s']:g} s of each process's life against the "
         f"median of its last {result['rss_window_s']:g} s. The victim's incarnations are fresh processes "
@@ -393,7 +425,7 @@ def main() -> None:
         "down_s": args.down_s,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "rss_series"}
+    summary = {k: v for k, v in result.items() if k not in ("rss_series", "latency_series")}
     args.json.write_text(orjson.dumps({"settings": settings, "result": summary}, option=orjson.OPT_INDENT_2).decode())
     write_report(result, settings, args.out)
     shown = {k: summary[k] for k in ("sent", "finals", "errors", "lost", "p99_ms", "max_growth", "all_alive_at_end")}

@@ -247,8 +247,9 @@ def main() -> None:
     args = parser.parse_args()
     args.trials, args.requests = (1, 300) if args.quick else (3, 600)
     # Loads beyond ~40% of the closed-loop capacity overload every mode on 2 cores shared by seven
-    # processes (measured: docs/results/tail.md), so the default sweep stays below.
-    loads = [0.2] if args.quick else [0.1, 0.2, 0.3, 0.4]
+    # processes (measured: docs/results/tail.md), so the default sweep stays below; 10% was dropped
+    # to keep the sweep under 15 minutes (it alone took 4.5 of them).
+    loads = [0.2] if args.quick else [0.2, 0.3, 0.4]
     points = [(load, "medium") for load in loads]
     if not args.quick:
         points += [(0.2, "low"), (0.2, "high")]

@@ -10,6 +10,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.deps import check_auth, check_group, state_of
 from app.errors import TooManyRequestsError
@@ -22,12 +23,50 @@ from workers.protocol import InferRequestModel, InferResponseModel
 router = APIRouter()
 
 
-def admit(gw: Gateway, stream: bool) -> None:
-    """Back-pressure: refuse beyond the configured limits instead of queueing without bound."""
-    if gw.inflight >= gw.settings.max_concurrent_requests:
-        raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
-    if stream and gw.open_streams >= gw.settings.max_open_streams:
-        raise TooManyRequestsError("too many open event streams; retry shortly", headers={"Retry-After": "1"})
+class Admission:
+    """A place within the gateway's limits, taken with no await between the check and the count (so
+    a burst cannot slip past the limit while bodies are read) and given back exactly once."""
+
+    def __init__(self, gw: Gateway, stream: bool) -> None:
+        if gw.inflight >= gw.settings.max_concurrent_requests:
+            raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
+        if stream and gw.open_streams >= gw.settings.max_open_streams:
+            raise TooManyRequestsError("too many open event streams; retry shortly", headers={"Retry-After": "1"})
+        self.gw, self.stream, self.held = gw, stream, True
+        gw.inflight += 1
+        gw.metrics.inflight.inc()
+        if stream:
+            gw.open_streams += 1
+            gw.metrics.streams.inc()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gw.inflight -= 1
+            self.gw.metrics.inflight.dec()
+            if self.stream:
+                self.gw.open_streams -= 1
+                self.gw.metrics.streams.dec()
+
+
+def admit(gw: Gateway, stream: bool) -> Admission:
+    """Back-pressure: refuse beyond the configured limits (429 + Retry-After), never queue without bound."""
+    return Admission(gw, stream)
+
+
+class AdmittedStream(StreamingResponse):
+    """A streaming response that gives its admission back when it ends, however it ends (also when
+    the client left before the first byte, so the body generator never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], admission: Admission) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release()
 
 
 def record(gw: Gateway, endpoint: str, update: Update, first_complete_ms: float | None) -> None:
@@ -78,8 +117,6 @@ async def with_keepalive(updates: AsyncIterator[Update], interval_s: float) -> A
 async def sse_events(
     gw: Gateway, updates: AsyncIterator[Update], request_id: str | None, endpoint: str
 ) -> AsyncIterator[bytes]:
-    gw.open_streams += 1
-    gw.metrics.streams.inc()
     first: float | None = None
     last: Update | None = None
     watched = with_keepalive(updates, gw.settings.keepalive_s)
@@ -95,8 +132,6 @@ async def sse_events(
     finally:
         with anyio.CancelScope(shield=True):  # see with_keepalive
             await watched.aclose()  # type: ignore[attr-defined]
-        gw.open_streams -= 1
-        gw.metrics.streams.dec()
         if last is not None and last.event in ("final", "error"):
             record(gw, endpoint, last, first)
         else:
@@ -164,34 +199,16 @@ async def infer(group: str, request: Request) -> Response:
     check_auth(gw, request)  # before anything else: strangers learn nothing, not even group names
     check_group(gw, group)
     stream = "text/event-stream" in request.headers.get("accept", "")
-    admit(gw, stream)
-    images, options, request_id = parse(await request.body(), gw.group, gw.settings, stream)
+    admission = admit(gw, stream)
+    try:
+        images, options, request_id = parse(await request.body(), gw.group, gw.settings, stream)
+    except BaseException:
+        admission.release()
+        raise
     updates = gw.fanout.run(images, options, started, request_id)
     if stream:
-        events = counted(gw, sse_events(gw, updates, request_id, "infer_stream"))
-        return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
-    _hold(gw)
+        return AdmittedStream(sse_events(gw, updates, request_id, "infer_stream"), admission)
     try:
         return await json_answer(gw, request, updates, request_id)
     finally:
-        _release(gw)
-
-
-def _hold(gw: Gateway) -> None:
-    gw.inflight += 1
-    gw.metrics.inflight.inc()
-
-
-def _release(gw: Gateway) -> None:
-    gw.inflight -= 1
-    gw.metrics.inflight.dec()
-
-
-async def counted(gw: Gateway, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Count a streamed request in flight from its first byte to the end of its stream."""
-    _hold(gw)
-    try:
-        async for chunk in events:
-            yield chunk
-    finally:
-        _release(gw)
+        admission.release()

@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.deps import AuthorisedDep, GatewayDep
 from app.errors import BadRequestError, NotFoundError, TooManyRequestsError
 from app.fanout import Update
-from app.routes.infer import admit, counted, record
-from app.sse import KEEPALIVE, STREAM_HEADERS, format_event, preamble
+from app.routes.infer import AdmittedStream, admit, record
+from app.sse import KEEPALIVE, format_event, preamble
 from app.state import Gateway
 from app.streams import RetainedStream
 from app.validation import parse
@@ -52,8 +52,11 @@ async def _produce(gw: Gateway, stream: RetainedStream, updates: AsyncIterator[U
 )
 async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
     started = time.perf_counter()
-    admit(gw, stream=False)
-    images, options, given_id = parse(await request.body(), gw.group, gw.settings, stream=True)
+    admission = admit(gw, stream=False)  # held while the body is read; the run is bounded by retention_max
+    try:
+        images, options, given_id = parse(await request.body(), gw.group, gw.settings, stream=True)
+    finally:
+        admission.release()
     request_id = given_id or uuid.uuid4().hex
     if gw.registry.get(request_id) is not None:
         raise BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
@@ -83,17 +86,11 @@ async def events(request_id: str, request: Request, gw: GatewayDep, _auth: Autho
             f"no request {request_id!r} (unknown, or older than the {gw.settings.retention_s:g} s retention)"
         )
     after = _last_event_id(request)
-    admit(gw, stream=True)
+    admission = admit(gw, stream=True)
 
     async def body() -> AsyncIterator[bytes]:
-        gw.open_streams += 1
-        gw.metrics.streams.inc()
-        try:
-            yield preamble()
-            async for event in stream.follow(after, gw.settings.keepalive_s):
-                yield KEEPALIVE if event is None else event
-        finally:
-            gw.open_streams -= 1
-            gw.metrics.streams.dec()
+        yield preamble()
+        async for event in stream.follow(after, gw.settings.keepalive_s):
+            yield KEEPALIVE if event is None else event
 
-    return StreamingResponse(counted(gw, body()), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return AdmittedStream(body(), admission)
