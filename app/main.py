@@ -3,6 +3,7 @@ registry and the replica health checks, and hands them to the handlers as typed 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from app.access import AccessLogMiddleware
 from app.errors import install_handlers
 from app.fanout import Fanout
 from app.group import load_group
+from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.replicas import ReplicaHealth
 from app.routes import health, infer, requests
@@ -42,10 +44,12 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
         gateway = Gateway(settings, group, client, fanout, registry, metrics, health_checks)
         await health_checks.check_all()
         await health_checks.start()
+        trimmer = asyncio.create_task(trim_periodically(5.0), name="malloc-trim")
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
         try:
             yield {"gateway": gateway}
         finally:
+            trimmer.cancel()
             await health_checks.stop()
             await registry.close()
             await client.close()
