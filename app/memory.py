@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
+
+from models.libc import libc
 
 logger = logging.getLogger(__name__)
 
 
 def malloc_trim() -> Callable[[], int] | None:
     """`malloc_trim(0)` of the C library, or None where there is none (not glibc)."""
-    name = ctypes.util.find_library("c")
-    if not name:
+    c = libc()
+    if c is None or not hasattr(c, "malloc_trim"):
         return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
+    trim = c.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return lambda: int(trim(0))

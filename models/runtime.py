@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 
 import torch
+
+from models.libc import libc
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -27,11 +27,10 @@ def keep_freed_memory() -> bool:
     measured on the default CNN at batch 64, the first convolution took 4.8 ms instead of 0.5 ms.
     Returns False where mallopt is unavailable (non-glibc), which only costs speed.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
+    c = libc()
+    if c is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20))
-    except (OSError, AttributeError):
+        return bool(c.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and c.mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+    except AttributeError:
         return False

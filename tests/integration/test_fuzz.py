@@ -15,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from app.main import openapi_document
+from bench.soak import rss_kib
 from tests.integration.conftest import Running, request_body, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -156,11 +157,6 @@ def test_huge_batch_is_refused_by_the_batch_limit(coded_bundle):
         )
         response = httpx.post(f"{service.url}/v2/models/fashion/infer", content=huge, timeout=30)
         assert response.status_code == 413
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def hostile_pass(fuzzed: Running) -> None:
