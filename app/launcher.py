@@ -108,7 +108,8 @@ def start(
 
 
 def wait_ready(cluster: Cluster, timeout_s: float = 120.0) -> None:
-    """Poll every child's /v2/health/ready; raise if one exits or the time runs out."""
+    """Poll every child's /v2/health/ready until each is ready and the gateway sees every replica;
+    raise if one exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     waiting = list(cluster.children)
     with httpx.Client(timeout=1.0) as client:
@@ -120,9 +121,10 @@ def wait_ready(cluster: Cluster, timeout_s: float = 120.0) -> None:
                 raise TimeoutError(f"not ready after {timeout_s:g} s: {[c.name for c in waiting]}")
             still = []
             for child in waiting:
-                try:
-                    ok = client.get(f"{child.url}/v2/health/ready").status_code == 200
-                except httpx.HTTPError:
+                try:  # a gateway counts once it sees every replica, not merely enough to answer
+                    response = client.get(f"{child.url}/v2/health/ready")
+                    ok = response.status_code == 200 and not response.json().get("down")
+                except (httpx.HTTPError, ValueError):
                     ok = False
                 if not ok:
                     still.append(child)

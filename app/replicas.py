@@ -3,8 +3,14 @@ circuit breaker that keeps requests away from replicas that refuse connections.
 
 A replica that fails its check is tried again after 2×, 4×, … the interval (capped), with jitter so
 that replicas that went down together are not all re-checked at the same instant; a replica that
-passes is back at the normal interval. The gateway is ready when enough replicas are: every member,
-or all but as many members as there are ready coded replicas to decode them.
+passes is back at the normal interval. A replica that has never been ready (still starting) is
+checked at the normal interval, so the gateway sees it soon after it loads its model.
+
+A ready replica goes out at once when it says it is not ready or refuses the connection, but only
+after `health_failure_threshold` missed checks in a row when a check merely times out (a replica
+busy with a burst, or on a starved CPU, answers the next one; a SIGSTOPped one misses them all).
+The gateway is ready when enough replicas are: every member, or all but as many members as there
+are ready coded replicas to decode them.
 
 A call that cannot even connect (refused, unreachable) opens the replica's circuit: requests stop
 calling it (its answer is decoded, or the request fails at once if it cannot be) and its health
@@ -22,7 +28,7 @@ import threading
 
 from app.group import Group
 from app.metrics import GatewayMetrics
-from app.upstream import ReplicaClient
+from app.upstream import Probe, ReplicaClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ class ReplicaHealth:
         self.metrics = metrics
         self.ready: dict[str, bool] = {name: False for name in group.urls}
         self.unreachable: set[str] = set()  # open circuits: calls skip these replicas
+        self.missed: dict[str, int] = {name: 0 for name in group.urls}  # missed checks in a row
+        self.started: set[str] = set()  # replicas seen ready at least once
         self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in group.urls}
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(0)
@@ -62,13 +70,22 @@ class ReplicaHealth:
 
     async def check_all(self) -> None:
         results = await asyncio.gather(*(self._check(name) for name in self.ready))
-        for name, ok in zip(self.ready, results, strict=True):
-            self._set(name, ok)
+        for name, probe in zip(self.ready, results, strict=True):
+            self._record(name, probe)
 
-    async def _check(self, name: str) -> bool:
-        return await self.client.ready(
-            self.group.urls[name], timeout_s=min(1.0, self.client.settings.health_interval_s)
-        )
+    async def _check(self, name: str) -> Probe:
+        return await self.client.ready(self.group.urls[name], timeout_s=self.client.settings.health_timeout_s)
+
+    def _record(self, name: str, probe: Probe) -> bool:
+        """Apply one check's outcome; returns whether the replica is now counted ready."""
+        if probe == "missed" and self.ready[name]:
+            self.missed[name] += 1
+            if self.missed[name] < self.client.settings.health_failure_threshold:
+                logger.info("replica %s missed a health check (%d in a row)", name, self.missed[name])
+                return True
+        self.missed[name] = 0
+        self._set(name, probe == "ready")
+        return self.ready[name]
 
     def _set(self, name: str, ok: bool) -> None:
         if ok != self.ready[name]:
@@ -77,6 +94,8 @@ class ReplicaHealth:
             else:
                 logger.warning("replica %s is NOT ready", name)
         self.ready[name] = ok
+        if ok:
+            self.started.add(name)
         self.metrics.replica_ready.labels(name).set(1 if ok else 0)
         if ok and name in self.unreachable:
             self.unreachable.discard(name)
@@ -100,9 +119,11 @@ class ReplicaHealth:
         wake = self._wake[name]
         while True:
             wake.clear()
-            ok = await self._check(name)
-            self._set(name, ok)
-            wait = interval if ok else min(wait * 2, self.client.settings.health_backoff_max_s)
+            ok = self._record(name, await self._check(name))
+            if ok or name not in self.started:
+                wait = interval
+            else:
+                wait = min(wait * 2, self.client.settings.health_backoff_max_s)
             try:  # sleep with jitter, or until a failed call asks for a check now
                 await asyncio.wait_for(wake.wait(), wait * self._rng.uniform(0.8, 1.2))
             except TimeoutError:

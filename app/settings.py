@@ -40,6 +40,10 @@ class GatewaySettings(BaseSettings):
     retention_max: int = Field(1000, ge=1, description="most retained /v1/requests streams")
     health_interval_s: float = Field(2.0, gt=0, description="replica readiness re-check interval")
     health_backoff_max_s: float = Field(10.0, gt=0, description="longest wait between checks of a down replica")
+    health_timeout_s: float = Field(1.0, gt=0, description="a health check slower than this is missed")
+    health_failure_threshold: int = Field(
+        3, ge=1, description="missed checks in a row that take a ready replica out (a refusal takes it at once)"
+    )
     auth_token: SecretStr | None = Field(None, description="if set, clients must send Authorization: Bearer <token>")
     auth_token_file: Path | None = Field(None, description="read auth_token from this file (a mounted secret)")
     worker_secret: SecretStr | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httptools
@@ -23,6 +23,8 @@ import orjson
 from app.errors import ReplicaError
 from app.settings import GatewaySettings
 from workers.protocol import HEADER_LENGTH
+
+Probe = Literal["ready", "down", "missed"]  # one health check's outcome
 
 SECRET_HEADER = "X-Coinserve-Secret"
 _END = object()
@@ -201,19 +203,23 @@ class ReplicaClient:
         if buffer.strip():
             yield _parse_line(replica, buffer)
 
-    async def ready(self, url: str, timeout_s: float) -> bool:
-        """GET /v2/health/ready answered 200 within `timeout_s`."""
+    async def ready(self, url: str, timeout_s: float) -> Probe:
+        """GET /v2/health/ready: "ready" (200, ready true); "down" when the replica said so or refused
+        the connection (sure signs); "missed" on a time-out or a broken reply (a busy replica may
+        pass the next check)."""
         pool = self._pool(url)
         head = f"GET /v2/health/ready HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n\r\n".encode()
 
-        async def check() -> bool:
+        async def check() -> Probe:
             chunks = [c async for c in self._request("health", url, head, b"")]
-            return bool(orjson.loads(b"".join(chunks)).get("ready"))
+            return "ready" if orjson.loads(b"".join(chunks)).get("ready") else "down"
 
         try:
             return await asyncio.wait_for(check(), timeout_s)
-        except (ReplicaError, TimeoutError, orjson.JSONDecodeError, AttributeError):
-            return False
+        except ReplicaError as exc:
+            return "down" if exc.kind == "unreachable" or exc.kind.startswith("http_") else "missed"
+        except (TimeoutError, orjson.JSONDecodeError, AttributeError):
+            return "missed"
 
 
 async def _drain(conn: _Connection) -> bytes:

@@ -19,12 +19,15 @@ async def live() -> dict[str, bool]:
 
 
 def _readiness(gw: GatewayDep) -> JSONResponse:
-    if gw.health.is_ready():
-        return JSONResponse({"ready": True})
-    if gw.health.draining:
-        return JSONResponse({"ready": False, "error": "draining: shutting down"}, status_code=503)
+    """200 while the gateway can answer (missing members decodable); `down` lists the replicas it
+    is doing without, empty when it sees every one."""
     down = [name for name, ok in gw.health.ready.items() if not ok]
-    return JSONResponse({"ready": False, "error": f"too few replicas ready to answer; down: {down}"}, status_code=503)
+    if gw.health.is_ready():
+        return JSONResponse({"ready": True, "down": down})
+    if gw.health.draining:
+        return JSONResponse({"ready": False, "down": down, "error": "draining: shutting down"}, status_code=503)
+    error = f"too few replicas ready to answer; down: {down}"
+    return JSONResponse({"ready": False, "down": down, "error": error}, status_code=503)
 
 
 @router.get("/v2/health/ready")

@@ -147,7 +147,8 @@ def test_coded_replica_down_changes_nothing_for_healthy_members(coded_bundle):
             end = terminal(events)
             assert status == 200 and end["event"] == "final"
             assert end["data"]["parameters"]["approximate"] is False
-        assert httpx.get(f"{service.url}/v2/health/ready", timeout=5).status_code == 200
+        ready = httpx.get(f"{service.url}/v2/health/ready", timeout=5)
+        assert ready.status_code == 200 and set(ready.json()["down"]) <= {"coded-coin-0"}
 
 
 def test_every_replica_down_answers_503_quickly_with_retry_after(coded_bundle):

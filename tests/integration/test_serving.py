@@ -219,7 +219,7 @@ def test_non_json_body_and_unknown_group_are_refused(service):
 
 def test_health_and_metadata(service):
     assert httpx.get(f"{service.url}/v2/health/live").json() == {"live": True}
-    assert httpx.get(f"{service.url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(f"{service.url}/v2/health/ready").json() == {"ready": True, "down": []}
     meta = httpx.get(f"{service.url}/v2/models/fashion").json()
     assert meta["parameters"]["members"] == ["member-0", "member-1", "member-2"]
     assert meta["parameters"]["coded_replicas"] == [{"name": "coded-coin-0", "row": 0}]
