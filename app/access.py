@@ -31,11 +31,12 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         headers = dict(scope["headers"])
         given = headers.get(REQUEST_ID.encode(), b"").decode("latin-1")
         request_id = given if given and len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrival"] = request_id, start
         status = {"code": 0, "started": False}
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):

@@ -194,6 +194,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in WorkerSettings.model_fields and v is not None}
     settings = WorkerSettings(**overrides)
     _configure_logging(args.log_level)
+    if settings.nice:
+        os.nice(settings.nice)  # see WorkerSettings.nice: the gateway's timers come first on a shared host
     drain = threading.Event()
     serve(
         create_app(settings, drain),
@@ -264,6 +266,7 @@ def _example_request(bundle: Path) -> Path:
 def _cmd_up(args: argparse.Namespace) -> int:
     from app import launcher
 
+    _configure_logging("warning")  # the supervisor's one line per death and per restart
     _ensure_bundle(args.bundle, args.coded_method)
     example = _example_request(args.bundle)
     cluster = launcher.start(args.bundle, args.port, args.coded_method)
@@ -274,14 +277,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"coinserve up: {exc}", file=sys.stderr)
         return 1
     base = f"http://127.0.0.1:{args.port}"
-    print(f"\ncoinserve is up: gateway {base} (group 'fashion'), metrics {base}/metrics")
+    gateway = cluster.children[-1]
+    print(f"\ncoinserve is up: gateway {base} (group 'fashion', pid {gateway.process.pid}), metrics {base}/metrics")
     for child in cluster.children[:-1]:
         print(f"  replica {child.name:14s} {child.url}  (pid {child.process.pid})")
     print("\ntry it (the first Fashion-MNIST test image, an ankle boot, class 9):")
     json_type = "-H 'Content-Type: application/json'"
     print(f"  curl -s {base}/v2/models/fashion/infer {json_type} -d @{example}")
     print(f"  curl -sN {base}/v2/models/fashion/infer -H 'Accept: text/event-stream' {json_type} -d @{example}")
-    print("\nCtrl-C stops every process.")
+    print("\nA process that dies is restarted on its port; Ctrl-C (or SIGTERM) stops every process.", flush=True)
     return launcher.run_until_signal(cluster)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +15,13 @@ from app.state import Gateway
 def state_of(request: Request) -> Gateway:
     state: Gateway = request.state.gateway
     return state
+
+
+def arrival_of(request: Request) -> float:
+    """When the request arrived (`time.perf_counter()`), stamped by the outermost middleware before
+    anything else runs: a deadline counts from here, not from when the handler got to run."""
+    arrival: float | None = request.scope.get("state", {}).get("arrival")
+    return arrival if arrival is not None else time.perf_counter()
 
 
 def check_auth(gw: Gateway, request: Request) -> None:

@@ -1,21 +1,25 @@
 """Per-request orchestration: fan out, decode, refine, honour the deadline, cancel what is not needed.
 
-`Fanout.run` is an async generator of `Update`s (no bytes, no HTTP): `coarse` once every member has
-an answer (real, low resolution, or decoded), `refined` whenever an answer improves, and exactly
-one `final` (every answer at the float32 resolution, the stop margin reached, or the deadline with
-the best answers so far) or one `error`. Every replica call it started is cancelled in `finally`.
+`Fanout.execute` is a coroutine run by the request's owner task (app/lifecycle.py): it hands every
+intermediate `Update` to `emit` (`coarse` once every member has an answer (real, low resolution, or
+decoded), `refined` whenever an answer improves) and returns exactly one terminal `Update`: a
+`final` (every answer at the float32 resolution, the stop margin reached, no call left that could
+improve an answer, or the deadline with the best answers so far) or an `error`. The deadline is a
+timeout inside this coroutine, counted from the request's arrival; every replica call it started
+is cancelled in `finally`. No bytes, no HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from app.admission import ReplicaLoad
 from app.decoding import Answer
 from app.errors import ReplicaError
 from app.group import Group
@@ -77,10 +81,17 @@ class Fanout:
         self.health = health
         self.decoder = group.decoder()
         self.latency = LatencyTracker(quantile=group.hedge_quantile)
+        self.load = ReplicaLoad()
 
-    async def run(
-        self, images: np.ndarray, options: Options, started: float, request_id: str | None = None
-    ) -> AsyncIterator[Update]:
+    async def execute(
+        self,
+        images: np.ndarray,
+        options: Options,
+        arrival: float,
+        emit: Callable[[Update], Awaitable[None]],
+        request_id: str | None = None,
+    ) -> Update:
+        """Run one request to its terminal update; `arrival` is its `time.perf_counter()` at arrival."""
         members = options.members or self.group.members
         coded = list(self.group.coded) if members == self.group.members else []
         refine = options.stream or options.deadline_ms is not None or options.stop_margin is not None
@@ -88,8 +99,8 @@ class Fanout:
         body, header_length = encode_binary_request(images, parameters, request_id)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         call = _Call(self, body, header_length, len(images), refine, queue)
-        hedge = self.group.hedge_url is not None and not refine
-        skipped = self.health.unreachable if self.health is not None else set()
+        hedge = self.group.hedge_url is not None and not refine and (self.health is None or self.health.is_hedge_usable)
+        skipped = self.skipped()
         tasks = {
             name: asyncio.create_task(
                 call.hedged(name) if hedge and name in self.group.members else call.reported(name)
@@ -97,16 +108,19 @@ class Fanout:
             for name in [*members, *coded]
             if name not in skipped
         }
-        run = _Run(self, members, options, started)
+        run = _Run(self, members, options, arrival)
         for name in skipped:
-            run.failures[name] = ReplicaError(name, "unreachable", "refused connections; waiting for a health check")
+            run.failures[name] = ReplicaError(name, "unreachable", "not in use; waiting for a health check")
         try:
-            async for update in run.loop(queue, tasks):
-                yield update
+            return await run.loop(queue, tasks, emit)
         finally:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    def skipped(self) -> set[str]:
+        """Replicas no call goes to: open circuits and identity mismatches (app/replicas.py)."""
+        return self.health.skipped if self.health is not None else set()
 
 
 class _Call:
@@ -129,6 +143,9 @@ class _Call:
     async def once(self, name: str, url: str) -> None:
         """One call: every answer goes to the queue; raises ReplicaError if the call fails."""
         start = time.perf_counter()
+        load = self.fanout.load
+        load.started(name)
+        ok = False
         try:
             async for line in self.fanout.client.stream(name, url, name, self.body, self.header_length, self.lines):
                 try:
@@ -139,11 +156,14 @@ class _Call:
                 if type(resolution) is not int or not 0 <= resolution < self.group.resolutions:
                     raise ReplicaError(name, "garbage", f"resolution {resolution!r} is not in the plan")
                 self.queue.put_nowait((name, Answer(probs, resolution, real=True)))
+            ok = True
         except ReplicaError as exc:
             self.fanout.metrics.replica_errors.labels(name, exc.kind).inc()
             if exc.kind == "unreachable" and self.fanout.health is not None and url == self.group.urls.get(name):
                 self.fanout.health.mark_unreachable(name)
             raise
+        finally:
+            load.finished(name, completed=ok)
         elapsed = time.perf_counter() - start
         self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
         if url == self.group.urls.get(name):
@@ -229,38 +249,36 @@ class _Run:
         return True
 
     async def loop(
-        self, queue: asyncio.Queue[tuple[str, Any]], tasks: dict[str, asyncio.Task[None]]
-    ) -> AsyncIterator[Update]:
+        self,
+        queue: asyncio.Queue[tuple[str, Any]],
+        tasks: dict[str, asyncio.Task[None]],
+        emit: Callable[[Update], Awaitable[None]],
+    ) -> Update:
         self.pending = set(tasks)
         if self.options.deadline_ms is not None:
             remaining = self.started + self.options.deadline_ms / 1000 - time.perf_counter()
         else:
             remaining = self.fanout.client.settings.upstream_timeout_s
-        timeout = asyncio.get_running_loop().time() + remaining
         answers: dict[str, Answer] = {}
         if not self.pending:  # every replica's circuit is open: fail now, not at the time-out
-            yield self._failed()
-            return
+            return self._failed()
         try:
-            async with asyncio.timeout_at(timeout):
+            async with asyncio.timeout(max(remaining, 0.0)):
                 while True:
                     name, item = await queue.get()
                     self._accept(name, item)
                     answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
                     if len(answers) == len(self.members):
-                        final = self._is_final(answers)
-                        if final:
-                            yield self._update("final", answers)
-                            return
+                        if self._is_final(answers) or not self.pending:  # nothing left that could improve it
+                            return self._update("final", answers)
                         update = self._progress(answers)
                         if update is not None:
-                            yield update
+                            await emit(update)
                     elif not self.pending:
-                        yield self._failed()
-                        return
+                        return self._failed()
         except TimeoutError:
             pass
-        yield self._at_deadline(answers)
+        return self._at_deadline(answers)
 
     def _progress(self, answers: dict[str, Answer]) -> Update | None:
         keys = {m: a.key for m, a in answers.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Group:
     urls: dict[str, str]
     hedge_url: str | None = None  # a replica hosting every member, for the hedged-request baseline
     hedge_quantile: float = 0.95
+    manifest_sha256: str | None = None  # of the manifest's bytes: a replica must report the same (DESIGN §3)
 
     def decoder(self) -> Decoder:
         return Decoder(self.members, self.coded, self.coeffs, self.resolutions - 1)
@@ -55,7 +57,8 @@ class Group:
 def load_group(settings: GatewaySettings) -> Group:
     path = Path(settings.bundle) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest_bytes = path.read_bytes()
+        manifest = json.loads(manifest_bytes)
     except (OSError, json.JSONDecodeError) as exc:
         raise GroupConfigError(f"cannot read the bundle manifest {path}: {exc}") from exc
     members = [m["name"] for m in manifest["members"]]
@@ -84,4 +87,5 @@ def load_group(settings: GatewaySettings) -> Group:
         urls={name: url.rstrip("/") for name, url in settings.replicas.items()},
         hedge_url=settings.hedge_replica.rstrip("/") if settings.hedge_replica else None,
         hedge_quantile=settings.hedge_quantile,
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
     )

@@ -1,20 +1,29 @@
 """`coinserve up`: the k member workers, the coded worker(s) and the gateway as child processes on
-loopback; waits until every one is ready, prints the URLs and a curl, and stops all of them cleanly
-on Ctrl-C or SIGTERM (or when any child dies)."""
+loopback; waits until every one is ready, prints the URLs and a curl, then supervises them: a child
+that dies is restarted on the same port with the same command line, after an exponential back-off,
+while the others keep serving. Only Ctrl-C or SIGTERM stops all of them (SIGTERM, SIGKILL after a
+grace period).
+
+Clusters built with `start` are not supervised unless a `Supervisor` runs over them: tests kill and
+restart children themselves."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,9 +34,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Child:
+    """One process; `args`, `env` and `log_dir` (set by `spawn`) are what it takes to start it again."""
+
     name: str
     port: int
     process: subprocess.Popen[bytes]
+    args: list[str] | None = None
+    env: dict[str, str] | None = None
+    log_dir: Path | None = None
+    started_s: float = field(default_factory=time.monotonic)
 
     @property
     def url(self) -> str:
@@ -60,10 +75,18 @@ def spawn(name: str, port: int, args: list[str], env: dict[str, str], log_dir: P
     """Start `coinserve ARGS`; its output goes to ours, or appends to LOG_DIR/NAME.log."""
     command = [sys.executable, "-m", "app.cli", *args]
     if log_dir is None:
-        return Child(name, port, subprocess.Popen(command, env=env))
+        return Child(name, port, subprocess.Popen(command, env=env), args, env, log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
-        return Child(name, port, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return Child(name, port, process, args, env, log_dir)
+
+
+def respawn(child: Child) -> Child:
+    """The same command line, environment, port and log as `child`, as a new process."""
+    if child.args is None or child.env is None:
+        raise ValueError(f"{child.name} was not started by spawn(): its command line is unknown")
+    return spawn(child.name, child.port, child.args, child.env, child.log_dir)
 
 
 def start(
@@ -133,22 +156,109 @@ def wait_ready(cluster: Cluster, timeout_s: float = 120.0) -> None:
                 time.sleep(0.2)
 
 
+def describe_exit(returncode: int) -> str:
+    """'was killed by SIGKILL' or 'exited with status 1', from a Popen return code."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+@dataclass
+class Backoff:
+    """Waits between restarts of one child: `initial_s`, doubling up to `max_s`; back to `initial_s`
+    once the child has stayed up `reset_after_s` (a crash loop slows down, a rare death does not)."""
+
+    initial_s: float = 0.5
+    max_s: float = 8.0
+    reset_after_s: float = 30.0
+    next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_s = self.initial_s
+
+    def delay_s(self, uptime_s: float) -> float:
+        """The wait before restarting a child that died after `uptime_s` seconds up."""
+        if uptime_s >= self.reset_after_s:
+            self.next_s = self.initial_s
+        delay = self.next_s
+        self.next_s = min(self.next_s * 2, self.max_s)
+        return delay
+
+
+class Supervisor:
+    """Restarts the cluster's children that die. `poll()` looks once (call it every `interval_s`);
+    a restarted child replaces the dead one in `cluster.children`, so `cluster.stop()` ends it."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        backoff: Callable[[], Backoff] = Backoff,
+        clock: Callable[[], float] = time.monotonic,
+        start_again: Callable[[Child], Child] = respawn,
+        interval_s: float = 0.2,
+    ) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.start_again = start_again
+        self.interval_s = interval_s
+        self.stopping = False
+        self._new_backoff = backoff
+        self._backoff: dict[str, Backoff] = {}  # name -> its restart back-off
+        self._due_s: dict[str, float] = {}  # name -> when a dead child is started again
+
+    def poll(self) -> None:
+        for index, child in enumerate(self.cluster.children):
+            if self.stopping:
+                return
+            if child.name in self._due_s:
+                if self.clock() >= self._due_s[child.name]:
+                    self._restart(index, child)
+            elif child.process.poll() is not None:
+                self._bury(child)
+
+    def _bury(self, child: Child) -> None:
+        """Log one line for the death and schedule the restart."""
+        now = self.clock()
+        backoff = self._backoff.setdefault(child.name, self._new_backoff())
+        delay = backoff.delay_s(now - child.started_s)
+        self._due_s[child.name] = now + delay
+        how = describe_exit(child.process.returncode)
+        logger.warning("%s (pid %d) %s; restarting in %g s", child.name, child.process.pid, how, delay)
+
+    def _restart(self, index: int, child: Child) -> None:
+        try:
+            new = self.start_again(child)
+        except OSError as exc:  # e.g. out of processes: try again later, as after a death
+            delay = self._backoff[child.name].delay_s(0.0)
+            self._due_s[child.name] = self.clock() + delay
+            logger.warning("%s could not be started (%s); retrying in %g s", child.name, exc, delay)
+            return
+        new.started_s = self.clock()
+        self.cluster.children[index] = new
+        del self._due_s[child.name]
+        logger.warning("%s restarted (pid %d)", new.name, new.process.pid)
+
+    def run_until_signal(self) -> int:
+        """Poll until SIGINT/SIGTERM; then stop every child. Returns the exit status (0)."""
+
+        def handler(_signum: int, _frame: object) -> None:
+            self.stopping = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self.stopping:
+                self.poll()
+                time.sleep(self.interval_s)
+            return 0
+        finally:
+            self.cluster.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
 def run_until_signal(cluster: Cluster) -> int:
-    """Block until SIGINT/SIGTERM or a child dies; then stop everything. Returns the exit status."""
-    stopping = {"signal": 0}
-
-    def handler(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stopping["signal"]:
-            dead = cluster.dead()
-            if dead is not None:
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        cluster.stop()
-        for s, h in previous.items():
-            signal.signal(s, h)
+    """Supervise `cluster` (restart children that die) until SIGINT/SIGTERM; then stop everything."""
+    return Supervisor(cluster).run_until_signal()

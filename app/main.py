@@ -1,5 +1,5 @@
-"""`create_app(settings)`: the gateway. The lifespan creates the shared upstream client, the stream
-registry and the replica health checks, and hands them to the handlers as typed state."""
+"""`create_app(settings)`: the gateway. The lifespan creates the shared upstream client, the request
+event-log store and the replica health checks, and hands them to the handlers as typed state."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from prometheus_client import disable_created_metrics
 
 from app.access import AccessLogMiddleware
 from app.errors import install_handlers
+from app.eventlog import MemoryStore
 from app.fanout import Fanout
 from app.group import load_group
 from app.memory import trim_periodically
@@ -23,7 +24,6 @@ from app.replicas import ReplicaHealth
 from app.routes import health, infer, requests
 from app.settings import GatewaySettings
 from app.state import Gateway
-from app.streams import StreamRegistry
 from app.upstream import ReplicaClient
 
 logger = logging.getLogger(__name__)
@@ -39,19 +39,22 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
         client = ReplicaClient(settings)
         health_checks = ReplicaHealth(group, client, metrics, drain)
-        registry = StreamRegistry(settings.retention_s, settings.retention_max)
+        store = MemoryStore(settings.retention_s, settings.retention_max)
         fanout = Fanout(group, client, metrics, health_checks)
-        gateway = Gateway(settings, group, client, fanout, registry, metrics, health_checks)
+        gateway = Gateway(settings, group, client, fanout, store, metrics, health_checks)
         await health_checks.check_all()
         await health_checks.start()
         trimmer = asyncio.create_task(trim_periodically(5.0), name="malloc-trim")
+        gateway.lag.observe = metrics.loop_lag.observe
+        gateway.lag.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
         try:
             yield {"gateway": gateway}
         finally:
             trimmer.cancel()
+            await gateway.lag.stop()
             await health_checks.stop()
-            await registry.close()
+            await gateway.lifecycle.close()
             await client.close()
 
     app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)

@@ -47,3 +47,27 @@ class GatewayMetrics:
         self.hedges = Counter("coinserve_hedged_calls_total", "Member calls re-sent to the hedging replica", registry=r)
         self.inflight = Gauge("coinserve_inflight_requests", "Requests being answered", registry=r)
         self.streams = Gauge("coinserve_open_streams", "Open server-sent-event streams", registry=r)
+        self.refused = Counter(
+            "coinserve_refused_requests_total",
+            "Requests refused at admission: limit (429), streams (429), deadline cannot be met (503)",
+            ["reason"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "coinserve_event_loop_lag_seconds",
+            "How late the gateway's event loop ran a 5 ms timer (sampled every tick)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.deadline_overrun = Histogram(
+            "coinserve_deadline_overrun_seconds",
+            "How late after its deadline a request's terminal event was written (0 when on time)",
+            buckets=(0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.replica_identity_mismatch = Counter(
+            "coinserve_replica_identity_mismatch_total",
+            "Health checks whose replica reported another bundle, model or refinement plan than the gateway's",
+            ["replica"],
+            registry=r,
+        )

@@ -17,6 +17,15 @@ calling it (its answer is decoded, or the request fails at once if it cannot be)
 check runs at once, then with backoff; the first passing check closes the circuit. A replica that
 is merely slow (a SIGSTOPped process still accepts connections) is never skipped: the deadline and
 the coded replica deal with it.
+
+Every ready answer carries the replica's identity (DESIGN §3): the sha256 of the bundle manifest's
+bytes, the model(s) it serves and its refinement planes. A replica whose identity differs from the
+gateway's (a half-done rolling update: another bundle's member would be decoded with this bundle's
+coefficients) counts as down and is skipped by every request, like an open circuit, until a check
+finds the gateway's identity again; each such check is counted, and a change is logged once. A
+replica that reports no identity at all (a build from before identities) is accepted, with one
+warning: refusing it would take the whole service down during the rolling update that brings
+identities in, and it is no worse than what the gateway trusted before.
 """
 
 from __future__ import annotations
@@ -31,6 +40,34 @@ from app.metrics import GatewayMetrics
 from app.upstream import Probe, ReplicaClient
 
 logger = logging.getLogger(__name__)
+HEDGE = "hedge"  # the health checks' name for the hedging replica (`Group.hedge_url`)
+
+
+def identity_mismatch(group: Group, name: str, reported: object) -> str | None:
+    """Why the identity a replica reported is not the one the gateway needs at that URL; None if it is.
+
+    Same bundle (the manifest's sha256, when the group knows it), the model it is called for (the
+    hedging replica: every member; serving more is fine, calls name their model) and the same planes.
+    """
+    if not isinstance(reported, dict):
+        return f"identity mismatch: not an identity object: {str(reported)[:80]}"
+    problems = []
+    sha = reported.get("bundle_sha256")
+    if group.manifest_sha256 is not None and sha != group.manifest_sha256:
+        problems.append(f"bundle sha256 {_short(sha)} != {_short(group.manifest_sha256)} (the gateway's)")
+    model = reported.get("model")
+    served = [model] if isinstance(model, str) else model if isinstance(model, list) else []
+    needed = group.members if name == HEDGE else [name]
+    if any(m not in served for m in needed):
+        problems.append(f"serves {model!r}, not {needed[0] if len(needed) == 1 else needed!r}")
+    planes = group.planes[:-1]  # the last resolution is float32 in every plan
+    if reported.get("refinement") != planes:
+        problems.append(f"refinement planes {reported.get('refinement')!r} != {planes} (the gateway's)")
+    return "identity mismatch: " + "; ".join(problems) if problems else None
+
+
+def _short(sha: object) -> str:
+    return f"{sha[:12]}…" if isinstance(sha, str) else repr(sha)
 
 
 class ReplicaHealth:
@@ -38,11 +75,15 @@ class ReplicaHealth:
         self.group = group
         self.client = client
         self.metrics = metrics
-        self.ready: dict[str, bool] = {name: False for name in group.urls}
+        self.urls = {**group.urls, **({HEDGE: group.hedge_url} if group.hedge_url else {})}
+        self.ready: dict[str, bool] = {name: False for name in self.urls}
         self.unreachable: set[str] = set()  # open circuits: calls skip these replicas
-        self.missed: dict[str, int] = {name: 0 for name in group.urls}  # missed checks in a row
+        self.mismatched: dict[str, str] = {}  # replica → how its identity differs: calls skip these too
+        self.missed: dict[str, int] = {name: 0 for name in self.urls}  # missed checks in a row
         self.started: set[str] = set()  # replicas seen ready at least once
-        self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in group.urls}
+        self._failures: dict[str, str] = {}  # replica → why its last check failed (cleared when it passes)
+        self._unverified: set[str] = set()  # ready replicas that report no identity (warned once)
+        self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in self.urls}
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(0)
         self.drain = drain  # set on SIGTERM: readiness fails while in-flight work finishes
@@ -50,6 +91,24 @@ class ReplicaHealth:
     @property
     def draining(self) -> bool:
         return self.drain.is_set()
+
+    @property
+    def skipped(self) -> set[str]:
+        """Group replicas no request may call: open circuits and identity mismatches."""
+        return {name for name in self.unreachable.union(self.mismatched) if name in self.group.urls}
+
+    @property
+    def is_hedge_usable(self) -> bool:
+        """False while the hedging replica reports another identity (it must serve every member)."""
+        return HEDGE not in self.mismatched
+
+    def reasons(self) -> dict[str, str]:
+        """Why each replica that is not ready is out: its identity mismatch, else its last failed check."""
+        return {
+            name: self.mismatched.get(name) or self._failures.get(name, "not checked yet")
+            for name, ok in self.ready.items()
+            if not ok
+        }
 
     def is_ready(self) -> bool:
         if self.draining:
@@ -65,6 +124,7 @@ class ReplicaHealth:
         logger.warning("replica %s refused a connection: skipped until a health check passes", name)
         self.unreachable.add(name)
         self.metrics.replica_circuit_open.labels(name).set(1)
+        self._failures[name] = "a request could not connect: waiting for a health check"
         self._set(name, False)
         self._wake[name].set()
 
@@ -74,18 +134,44 @@ class ReplicaHealth:
             self._record(name, probe)
 
     async def _check(self, name: str) -> Probe:
-        return await self.client.ready(self.group.urls[name], timeout_s=self.client.settings.health_timeout_s)
+        return await self.client.ready(self.urls[name], timeout_s=self.client.settings.health_timeout_s)
 
     def _record(self, name: str, probe: Probe) -> bool:
         """Apply one check's outcome; returns whether the replica is now counted ready."""
-        if probe == "missed" and self.ready[name]:
+        if probe.outcome == "ready":
+            probe = self._verify(name, probe)
+        detail = probe.detail
+        if probe.outcome == "missed" and self.ready[name]:
             self.missed[name] += 1
             if self.missed[name] < self.client.settings.health_failure_threshold:
                 logger.info("replica %s missed a health check (%d in a row)", name, self.missed[name])
                 return True
+            detail = f"missed {self.missed[name]} health checks in a row (last: {detail})"
         self.missed[name] = 0
-        self._set(name, probe == "ready")
+        if probe.outcome != "ready":
+            self._failures[name] = detail
+        self._set(name, probe.outcome == "ready")
         return self.ready[name]
+
+    def _verify(self, name: str, probe: Probe) -> Probe:
+        """A ready answer whose identity differs from the gateway's counts as down."""
+        if probe.identity is None:
+            reason = None
+            if name not in self._unverified:
+                logger.warning("replica %s reports no identity (an older build): used unverified", name)
+                self._unverified.add(name)
+        else:
+            self._unverified.discard(name)
+            reason = identity_mismatch(self.group, name, probe.identity)
+        if reason is None:
+            if self.mismatched.pop(name, None) is not None:
+                logger.info("replica %s reports the gateway's identity again: calls resume", name)
+            return probe
+        self.metrics.replica_identity_mismatch.labels(name).inc()
+        if self.mismatched.get(name) != reason:
+            logger.warning("replica %s is not used: %s", name, reason)
+            self.mismatched[name] = reason
+        return Probe("down", probe.identity, reason)
 
     def _set(self, name: str, ok: bool) -> None:
         if ok != self.ready[name]:
@@ -96,6 +182,7 @@ class ReplicaHealth:
         self.ready[name] = ok
         if ok:
             self.started.add(name)
+            self._failures.pop(name, None)
         self.metrics.replica_ready.labels(name).set(1 if ok else 0)
         if ok and name in self.unreachable:
             self.unreachable.discard(name)

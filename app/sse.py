@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from app.eventlog import Event
 from app.fanout import Update, response_parameters
 from app.group import Group
 from workers.protocol import output_tensor
@@ -32,7 +33,7 @@ def response_body(update: Update, group: Group, request_id: str | None) -> dict[
 
 def format_event(update: Update, group: Group, request_id: str | None) -> bytes:
     data = orjson.dumps(response_body(update, group, request_id))
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (update.seq, update.event.encode(), data)
+    return Event(update.seq, update.event, update.status, data).sse()
 
 
 def preamble() -> bytes:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from app.admission import LoopLag
+from app.eventlog import LogStore
 from app.fanout import Fanout
 from app.group import Group
+from app.lifecycle import Lifecycle
 from app.metrics import GatewayMetrics
 from app.replicas import ReplicaHealth
 from app.settings import GatewaySettings
-from app.streams import StreamRegistry
 from app.upstream import ReplicaClient
 
 
@@ -19,8 +21,13 @@ class Gateway:
     group: Group
     client: ReplicaClient
     fanout: Fanout
-    registry: StreamRegistry
+    store: LogStore
     metrics: GatewayMetrics
     health: ReplicaHealth
+    lifecycle: Lifecycle = field(init=False)
+    lag: LoopLag = field(default_factory=LoopLag)
     inflight: int = 0
     open_streams: int = 0
+
+    def __post_init__(self) -> None:
+        self.lifecycle = Lifecycle(self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -24,7 +25,17 @@ from app.errors import ReplicaError
 from app.settings import GatewaySettings
 from workers.protocol import HEADER_LENGTH
 
-Probe = Literal["ready", "down", "missed"]  # one health check's outcome
+
+@dataclass(frozen=True)
+class Probe:
+    """One health check's outcome. `identity` is what a ready replica says it serves (DESIGN §3:
+    `bundle_sha256`, `model`, `refinement`), None from a build that reports none; `detail` says
+    why a check did not pass."""
+
+    outcome: Literal["ready", "down", "missed"]
+    identity: Any = None
+    detail: str = ""
+
 
 SECRET_HEADER = "X-Coinserve-Secret"
 _END = object()
@@ -204,22 +215,28 @@ class ReplicaClient:
             yield _parse_line(replica, buffer)
 
     async def ready(self, url: str, timeout_s: float) -> Probe:
-        """GET /v2/health/ready: "ready" (200, ready true); "down" when the replica said so or refused
-        the connection (sure signs); "missed" on a time-out or a broken reply (a busy replica may
-        pass the next check)."""
+        """GET /v2/health/ready: "ready" (200, ready true, with the identity it reports); "down" when
+        the replica said so or refused the connection (sure signs); "missed" on a time-out or a broken
+        reply (a busy replica may pass the next check)."""
         pool = self._pool(url)
         head = f"GET /v2/health/ready HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n\r\n".encode()
 
         async def check() -> Probe:
             chunks = [c async for c in self._request("health", url, head, b"")]
-            return "ready" if orjson.loads(b"".join(chunks)).get("ready") else "down"
+            reply = orjson.loads(b"".join(chunks))
+            if not reply.get("ready"):
+                return Probe("down", detail="it says it is not ready")
+            return Probe("ready", identity=reply.get("identity"))
 
         try:
             return await asyncio.wait_for(check(), timeout_s)
         except ReplicaError as exc:
-            return "down" if exc.kind == "unreachable" or exc.kind.startswith("http_") else "missed"
-        except (TimeoutError, orjson.JSONDecodeError, AttributeError):
-            return "missed"
+            sure = exc.kind == "unreachable" or exc.kind.startswith("http_")
+            return Probe("down" if sure else "missed", detail=f"{exc.kind}: {exc.detail}")
+        except TimeoutError:
+            return Probe("missed", detail=f"no readiness answer within {timeout_s:g} s")
+        except (orjson.JSONDecodeError, AttributeError):
+            return Probe("missed", detail="its readiness answer is not a JSON object")
 
 
 async def _drain(conn: _Connection) -> bytes:

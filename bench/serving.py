@@ -8,7 +8,15 @@
 3. Deadline: the default bundle, member-1 paused with SIGSTOP for the whole run, Poisson arrivals,
    SSE requests with deadline_ms; (a) the coded replica up: time of the final; (b) the coded replica
    paused too: the terminal event must come at the deadline.
+4. Overload: the default bundle; capacity measured closed-loop (concurrency 32) with JSON requests
+   carrying deadline_ms = 300, then open-loop Poisson arrivals at twice that rate for 60 s. Every
+   request is timed by the load generator's clock from the moment it is sent: admitted requests
+   must end within deadline + 50 ms (p99) and + 100 ms (p99.9), refused ones (429/503) within
+   50 ms, none lost; the gateway's resident memory is sampled throughout. The per-request samples
+   are written next to the JSON (`<json stem>_overload_raw.json.gz`).
 Every trial is printed as it ends; the machine and settings head the output.
+
+    python -m bench.serving --only overload --json docs/results/overload.json
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import platform
 import signal
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +39,38 @@ from app import launcher
 from bench.loadgen import Run, closed_loop, json_body, open_loop, percentiles
 from models.data import load_split
 
+SECTIONS = ("overhead", "throughput", "deadline", "overload")
+
 
 def machine() -> dict[str, Any]:
     return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The vector extensions that decide these figures (DESIGN §5)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
 
 
 def trivial_bundle(folder: Path) -> Path:
@@ -174,6 +207,105 @@ def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: fl
     return out
 
 
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def overload(
+    bundle: Path, seconds: float, factor: float = 2.0, deadline_ms: float = 300.0, raw: Path | None = None
+) -> dict[str, Any]:
+    """Open-loop load at `factor` × the measured capacity, every request with `deadline_ms`."""
+    import gzip
+    import threading
+
+    cluster = default_cluster(bundle)
+    gateway = cluster.children[-1]
+    try:
+        url = f"{gateway.url}/v2/models/fashion/infer"
+        reqs = bodies(64, {"deadline_ms": deadline_ms})
+        asyncio.run(closed_loop(url, reqs, 8, 2.0))  # warm-up
+        probe = asyncio.run(closed_loop(url, reqs, 32, 8.0))
+        capacity = len([s for s in probe.samples if s.status == 200]) / probe.seconds
+        rate = factor * capacity
+        count = int(rate * seconds)
+        rss: list[tuple[float, float]] = []
+        stop = threading.Event()
+        t0 = time.perf_counter()
+
+        def sample_rss() -> None:
+            while not stop.wait(1.0):
+                mib = _rss_mib(gateway.process.pid)
+                if mib is not None:
+                    rss.append((round(time.perf_counter() - t0, 1), round(mib, 2)))
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        try:
+            run = asyncio.run(open_loop(url, reqs, rate, count, seed=0))
+        finally:
+            stop.set()
+            sampler.join()
+    finally:
+        cluster.stop()
+    refused = [s for s in run.samples if s.status in (429, 503)]
+    admitted = [s for s in run.samples if s.status not in (429, 503, 0)]
+    lost = [s for s in run.samples if s.status == 0]
+    late = [s.final_ms - deadline_ms for s in admitted]
+    answered = [s for s in admitted if s.status == 200]
+    approximate = [s for s in answered if (s.body or {}).get("parameters", {}).get("approximate")]
+    first = [v for t, v in rss if t <= 10.0] or [float("nan")]
+    last = [v for t, v in rss if t >= run.seconds - 10.0] or [float("nan")]
+    result = {
+        "deadline_ms": deadline_ms,
+        "capacity_req_per_s": round(capacity, 1),
+        "factor": factor,
+        "rate_per_s": round(rate, 1),
+        "seconds": round(run.seconds, 1),
+        "sent": len(run.samples),
+        "admitted": len(admitted),
+        "answered_200": len(answered),
+        "approximate_200": len(approximate),
+        "admitted_errors": dict(Counter(s.status for s in admitted if s.status != 200)),
+        "refused": dict(Counter(s.status for s in refused)),
+        "lost": len(lost),
+        "lost_outcomes": dict(Counter(s.outcome for s in lost)),
+        "admitted_late_ms": dict(zip(("p50", "p99", "p999"), (round(v, 2) for v in percentiles(late)), strict=True)),
+        "admitted_late_max_ms": round(max(late, default=float("nan")), 2),
+        "admitted_ci95_p99_late_ms": bootstrap_ci(late, 99),
+        "admitted_ci95_p999_late_ms": bootstrap_ci(late, 99.9),
+        "refused_ms": dict(
+            zip(("p50", "p99", "p999"), (round(v, 2) for v in percentiles([s.final_ms for s in refused])), strict=True)
+        ),
+        "refused_max_ms": round(max((s.final_ms for s in refused), default=float("nan")), 2),
+        "gateway_rss_mib_first_10s": round(float(np.median(first)), 2),
+        "gateway_rss_mib_last_10s": round(float(np.median(last)), 2),
+        "gateway_rss_series": rss,
+    }
+    if raw is not None:
+        rows = [(round(s.sent_at, 4), round(s.final_ms, 3), s.status, s.outcome) for s in run.samples]
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(raw, "wt") as f:
+            json.dump({"columns": ["sent_at_s", "client_ms", "status", "outcome"], "rows": rows}, f)
+    _log("overload", {k: v for k, v in result.items() if k != "gateway_rss_series"})
+    return result
+
+
+def bootstrap_ci(values: list[float], q: float, draws: int = 1000, seed: int = 0) -> list[float] | None:
+    """A 95% bootstrap interval of the q-th percentile."""
+    if len(values) < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values)
+    stats = np.percentile(rng.choice(data, size=(draws, len(data)), replace=True), q, axis=1)
+    return [round(float(v), 2) for v in np.percentile(stats, [2.5, 97.5])]
+
+
 def _no_nan(value: Any) -> Any:
     """NaN (a percentile of no samples) becomes null: strict JSON readers refuse NaN."""
     if isinstance(value, float) and value != value:
@@ -190,13 +322,23 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="one short trial of each (a smoke test)")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only these sections (repeat; default: all)"
+    )
     args = parser.parse_args()
     trials, seconds, count = (1, 3.0, 100) if args.quick else (3, 15.0, 400)
-    report = {"machine": machine(), "quick": args.quick}
+    only = args.only or list(SECTIONS)
+    report: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     print(json.dumps(report["machine"]), flush=True)
-    report["overhead"] = overhead(trials, seconds)
-    report["throughput"] = throughput(args.bundle, trials, seconds)
-    report["deadline"] = deadline(args.bundle, trials, count, rate=40.0, deadline_ms=200.0)
+    if "overhead" in only:
+        report["overhead"] = overhead(trials, seconds)
+    if "throughput" in only:
+        report["throughput"] = throughput(args.bundle, trials, seconds)
+    if "deadline" in only:
+        report["deadline"] = deadline(args.bundle, trials, count, rate=40.0, deadline_ms=200.0)
+    if "overload" in only:
+        raw = args.json.with_name(args.json.stem + "_overload_raw.json.gz") if args.json else None
+        report["overload"] = overload(args.bundle, 10.0 if args.quick else 60.0, raw=raw)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n")

@@ -240,6 +240,26 @@ def soak(
     return summarise(results, chaos, alive, victim, rate, capacity, seconds, len(pauses), intensity)
 
 
+DEADLINE_KINDS = ("json+deadline", "sse+deadline")
+
+
+def lateness(samples: list[Sample]) -> dict[str, Any]:
+    """How far past its deadline each admitted deadline request ended, by the load generator's clock
+    (refused requests, 429/503, are counted apart: they were answered at once)."""
+    admitted = [s for s in samples if s.status not in (429, 503)]
+    late = [s.final_ms - DEADLINE_MS for s in admitted]
+    p50, p99, p999 = percentiles(late)
+    return {
+        "admitted": len(admitted),
+        "refused": len(samples) - len(admitted),
+        "p50": round(p50, 1),
+        "p99": round(p99, 1),
+        "p999": round(p999, 1),
+        "max": round(max(late, default=float("nan")), 1),
+        "over_50ms": sum(1 for v in late if v > 50),
+    }
+
+
 def summarise(
     results: list[tuple[str, Sample]],
     chaos: Chaos,
@@ -297,6 +317,8 @@ def summarise(
             )
             for kind in sorted({k for k, _ in results})
         },
+        "late_ms_by_kind": {kind: lateness([s for k, s in results if k == kind]) for kind in DEADLINE_KINDS},
+        "refused": sum(1 for _, s in results if s.status in (429, 503) or s.outcome in ("http_429", "http_503")),
         "kill_times_s": [round(t, 1) for t in chaos.kill_times],
         "latency_series": [(round(s.sent_at, 3), round(s.final_ms, 1), kind) for kind, s in results],
         "approximate_finals": sum(
@@ -362,7 +384,8 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
         "Regenerate: `coinserve bench soak` (10 minutes); the CI variant runs one minute "
         "(`tests/integration/test_soak.py`).",
         "",
-        f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, run {m['date']}. "
+        f"Machine: {m.get('cpu', '?')} ({', '.join(m.get('cpu_flags', []))}), {m['cpus']} CPUs, {m['platform']}, "
+        f"Python {m['python']}, run {m['date']}. "
         f"{result['seconds']:g} s at {result['rate_per_s']:g} req/s "
         f"(load {settings['load']:g} of a measured capacity of {result['capacity_req_per_s']} req/s); request kinds "
         f"in turn: {', '.join(KINDS)} (deadline {DEADLINE_MS:g} ms). Stragglers: SIGSTOP/SIGCONT of every replica "
@@ -373,6 +396,17 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
         "",
         f"Outcomes: `{json.dumps(result['outcomes'])}`; by request kind: `{json.dumps(result['by_kind'])}`; "
         f"time to the terminal event by kind (ms): `{json.dumps(result['final_ms_by_kind'])}`.",
+        "",
+        "Client-side lateness of the deadline requests (ms past the deadline, by the load generator's clock, "
+        "from the moment each request was sent; requests refused at admission with 429/503 are counted apart):",
+        "",
+        markdown_table(
+            [{"kind": kind, **v} for kind, v in result["late_ms_by_kind"].items()],
+            ("kind", "admitted", "refused", "p50", "p99", "p999", "max", "over_50ms"),
+        ),
+        "",
+        f"Approximate finals: {result['approximate_finals']} of {result['finals']} "
+        f"({100 * result['approximate_finals'] / max(result['finals'], 1):.1f}%); lost: {result['lost']}.",
         "",
         "![soak_latency.png](soak_latency.png)",
         "",

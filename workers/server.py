@@ -3,11 +3,16 @@
 `create_app(settings)`: the lifespan loads and hash-checks the model (a failure stops the process
 with a non-zero status), warms it up and starts the batcher. Streaming infer answers one NDJSON
 line per completed resolution; a plain call answers the final one as JSON.
+
+The worker reports its identity (DESIGN §3) in its readiness answer and its model metadata, so a
+gateway can refuse a replica that serves another bundle, model or plan (a half-done rolling update).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -22,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.types import ASGIApp
 
 from models.bitplanes import RefinementPlan
-from models.bundle import Bundle, open_bundle
+from models.bundle import MANIFEST, Bundle, open_bundle
+from models.errors import BundleError
 from models.refine import RefinementEngine
 from models.runtime import keep_freed_memory, use_all_cores
 from workers.batcher import Batcher
@@ -78,6 +84,7 @@ class WorkerState:
     faults: FaultInjector | None
     metrics: WorkerMetrics
     classes: int
+    identity: dict[str, Any]  # what the gateway checks: {"bundle_sha256", "model", "refinement"}
 
 
 def model_names(settings: WorkerSettings) -> list[str]:
@@ -97,14 +104,29 @@ def _serve_model(bundle: Bundle, name: str, settings: WorkerSettings, metrics: W
     return Served(name, bundle.entry(name), engine, batcher)
 
 
+def identity(manifest_bytes: bytes, names: list[str], plan: RefinementPlan) -> dict[str, Any]:
+    """The replica's identity: the sha256 of the manifest bytes it loaded, the model it serves (the
+    list, when it serves several) and its plan's planes."""
+    return {
+        "bundle_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "model": names[0] if len(names) == 1 else names,
+        "refinement": list(plan.planes),
+    }
+
+
 def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
     use_all_cores(settings.threads)
     keep_freed_memory()
     bundle = open_bundle(settings.bundle, verify=False)
-    models = {name: _serve_model(bundle, name, settings, metrics) for name in model_names(settings)}
+    manifest_bytes = (settings.bundle / MANIFEST).read_bytes()
+    if json.loads(manifest_bytes) != bundle.manifest:  # the identity must name the manifest really loaded
+        raise BundleError(f"{settings.bundle / MANIFEST} changed while the worker loaded it; start it again")
+    names = model_names(settings)
+    models = {name: _serve_model(bundle, name, settings, metrics) for name in names}
     faults = FaultInjector(settings.faults) if settings.faults.enabled else None
     classes = int(bundle.manifest["config"]["classes"])
-    return WorkerState(settings, bundle, models, faults, metrics, classes)
+    plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
+    return WorkerState(settings, bundle, models, faults, metrics, classes, identity(manifest_bytes, names, plan))
 
 
 def create_app(settings: WorkerSettings, drain: threading.Event | None = None) -> ASGIApp:
@@ -147,7 +169,10 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
     async def ready(request: Request) -> Response:
         if drain.is_set():
             return JSONResponse({"ready": False, "error": "draining: shutting down"}, status_code=503)
-        return JSONResponse({"ready": hasattr(request.state, "worker")})
+        worker: WorkerState | None = getattr(request.state, "worker", None)
+        if worker is None:
+            return JSONResponse({"ready": False})
+        return JSONResponse({"ready": True, "identity": worker.identity})
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -171,6 +196,7 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
                     "sha256": entry["sha256"],
                     "coefficients": entry.get("coefficients"),
                     "refinement": served.engine.plan.to_dict(),
+                    "identity": worker.identity,
                 },
             }
         )

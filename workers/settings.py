@@ -43,6 +43,14 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
     max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
     threads: int = Field(1, ge=1, description="torch threads: one per replica, replicas share the cores")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness added at start: where replicas share cores with the gateway (coinserve up), "
+        "the gateway, which keeps every deadline, must never wait behind forward passes; replicas still use "
+        "every idle cycle. 0 leaves the priority alone (a pod of its own).",
+    )
     shared_secret: SecretStr | None = Field(None, description="if set, calls must carry it as X-Coinserve-Secret")
     shared_secret_file: Path | None = Field(None, description="read shared_secret from this file (a mounted secret)")
     faults: FaultSettings = Field(default_factory=FaultSettings)

@@ -20,14 +20,18 @@ async def live() -> dict[str, bool]:
 
 def _readiness(gw: GatewayDep) -> JSONResponse:
     """200 while the gateway can answer (missing members decodable); `down` lists the replicas it
-    is doing without, empty when it sees every one."""
+    is doing without, empty when it sees every one, and `reasons` (only while `down` is not empty)
+    says why each is out, e.g. "identity mismatch: bundle sha256 ab12… != cd34… (the gateway's)"."""
     down = [name for name, ok in gw.health.ready.items() if not ok]
+    body: dict[str, Any] = {"ready": True, "down": down}
+    if down:
+        body["reasons"] = gw.health.reasons()
     if gw.health.is_ready():
-        return JSONResponse({"ready": True, "down": down})
+        return JSONResponse(body)
+    body["ready"] = False
     if gw.health.draining:
-        return JSONResponse({"ready": False, "down": down, "error": "draining: shutting down"}, status_code=503)
-    error = f"too few replicas ready to answer; down: {down}"
-    return JSONResponse({"ready": False, "down": down, "error": error}, status_code=503)
+        return JSONResponse({**body, "error": "draining: shutting down"}, status_code=503)
+    return JSONResponse({**body, "error": f"too few replicas ready to answer; down: {down}"}, status_code=503)
 
 
 @router.get("/v2/health/ready")

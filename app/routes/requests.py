@@ -1,43 +1,27 @@
-"""POST /v1/requests and GET /v1/requests/{id}/events: a detached request whose event stream a
-browser `EventSource` can follow, and resume with `Last-Event-ID` within the retention window."""
+"""POST /v1/requests and GET /v1/requests/{id}/events: a detached request whose event log a browser
+`EventSource` can follow, and resume with `Last-Event-ID` within the retention window.
+
+The request is owned by its task (app/lifecycle.py), not by any connection: followers come and go,
+the request holds its admission slot until its terminal event. Once a retained log is complete, a
+reconnect at or past its last id gets 204, which tells a browser `EventSource` to stop retrying.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from app.deps import AuthorisedDep, GatewayDep
+from app.admission import admit_request, admit_stream, check_deadline
+from app.deps import AuthorisedDep, GatewayDep, arrival_of
 from app.errors import BadRequestError, NotFoundError, TooManyRequestsError
-from app.fanout import Update
-from app.routes.infer import AdmittedStream, admit, record
-from app.sse import KEEPALIVE, format_event, preamble
-from app.state import Gateway
-from app.streams import RetainedStream
+from app.lifecycle import Admitted
+from app.routes.infer import AdmittedStream, sse_events
 from app.validation import parse
 from workers.protocol import InferRequestModel
 
 router = APIRouter()
-
-
-async def _produce(gw: Gateway, stream: RetainedStream, updates: AsyncIterator[Update], request_id: str) -> None:
-    first: float | None = None
-    last: Update | None = None
-    try:
-        async for update in updates:
-            last = update
-            first = update.elapsed_ms if first is None else first
-            stream.append(format_event(update, gw.group, request_id), last=update.event in ("final", "error"))
-    finally:
-        if last is not None:
-            record(gw, "requests", last, first)
-        if not stream.done:  # cancelled at shutdown: the stream still ends with exactly one error
-            cancelled = Update("error", len(stream.events) + 1, 0.0, error="the gateway shut down", status=503)
-            stream.append(format_event(cancelled, gw.group, request_id), last=True)
 
 
 @router.post(
@@ -51,22 +35,23 @@ async def _produce(gw: Gateway, stream: RetainedStream, updates: AsyncIterator[U
     },
 )
 async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
-    started = time.perf_counter()
-    admission = admit(gw, stream=False)  # held while the body is read; the run is bounded by retention_max
+    arrival = arrival_of(request)
+    slot = admit_request(gw)  # held until the request's terminal event, not just while parsing
     try:
         images, options, given_id = parse(await request.body(), gw.group, gw.settings, stream=True)
-    finally:
-        admission.release()
-    request_id = given_id or uuid.uuid4().hex
-    if gw.registry.get(request_id) is not None:
-        raise BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
-    stream = gw.registry.create(request_id)
-    if stream is None:
-        raise TooManyRequestsError(
-            "too many retained requests still running; retry shortly", headers={"Retry-After": "1"}
-        )
-    updates = gw.fanout.run(images, options, started, request_id)
-    stream.task = asyncio.create_task(_produce(gw, stream, updates, request_id), name=f"request-{request_id}")
+        check_deadline(gw, options.deadline_ms, options.members, arrival)
+        request_id = given_id or uuid.uuid4().hex
+        if await gw.store.get(request_id) is not None:
+            raise BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
+        log = await gw.store.create(request_id)
+        if log is None:
+            raise TooManyRequestsError(
+                "too many retained requests still running; retry shortly", headers={"Retry-After": "1"}
+            )
+    except BaseException:
+        slot.release()
+        raise
+    gw.lifecycle.start(log, Admitted(images, options, arrival, request_id, "requests", slot))
     url = f"/v1/requests/{request_id}/events"
     return JSONResponse({"id": request_id, "events_url": url}, status_code=202, headers={"Location": url})
 
@@ -78,19 +63,14 @@ def _last_event_id(request: Request) -> int:
     return int(raw)
 
 
-@router.get("/v1/requests/{request_id}/events")
-async def events(request_id: str, request: Request, gw: GatewayDep, _auth: AuthorisedDep) -> StreamingResponse:
-    stream = gw.registry.get(request_id)
-    if stream is None:
+@router.get("/v1/requests/{request_id}/events", responses={204: {"description": "the stream is complete"}})
+async def events(request_id: str, request: Request, gw: GatewayDep, _auth: AuthorisedDep) -> Response:
+    log = await gw.store.get(request_id)
+    if log is None:
         raise NotFoundError(
             f"no request {request_id!r} (unknown, or older than the {gw.settings.retention_s:g} s retention)"
         )
     after = _last_event_id(request)
-    admission = admit(gw, stream=True)
-
-    async def body() -> AsyncIterator[bytes]:
-        yield preamble()
-        async for event in stream.follow(after, gw.settings.keepalive_s):
-            yield KEEPALIVE if event is None else event
-
-    return AdmittedStream(body(), admission)
+    if log.done and after >= log.last_seq:
+        return Response(status_code=204)
+    return AdmittedStream(sse_events(gw, log, after), admit_stream(gw))

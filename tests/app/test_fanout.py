@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.errors import ReplicaError
-from app.fanout import Fanout, Options
+from app.fanout import Fanout, Options, Update
 from app.group import Group
 from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
@@ -65,8 +65,13 @@ def _fanout(client: ScriptedClient, hedge: bool = False) -> Fanout:
 async def _events(client: ScriptedClient, options: Options, hedge: bool = False) -> list[tuple[str, list[str], float]]:
     out = []
     started = time.perf_counter()
-    async for u in _fanout(client, hedge).run(np.zeros((1, 1, 28, 28), np.float32), options, started):
-        out.append((u.event, u.decoded_members() if u.event != "error" else [u.error or ""], u.elapsed_ms))
+
+    async def emit(u: Update) -> None:
+        assert u.event in ("coarse", "refined")
+        out.append((u.event, u.decoded_members(), u.elapsed_ms))
+
+    u = await _fanout(client, hedge).execute(np.zeros((1, 1, 28, 28), np.float32), options, started, emit)
+    out.append((u.event, u.decoded_members() if u.event != "error" else [u.error or ""], u.elapsed_ms))
     return out
 
 
@@ -141,3 +146,14 @@ async def test_a_failing_member_is_hedged_at_once():
     client = ScriptedClient({"m0": one, "m2": one, "hedge:m1": one}, fail={"m1": "refused"})
     events = await _events(client, Options(), hedge=True)
     assert [e[0] for e in events] == ["final"] and events[0][2] < 15
+
+
+@pytest.mark.anyio
+async def test_every_member_answered_and_no_call_left_ends_at_once():
+    """Every call has ended, some only with a coarse answer: nothing can improve the answers, so the
+    final goes out now (approximate), not at the deadline."""
+    coarse_only = [(0.0, 0)]
+    client = ScriptedClient({"m0": coarse_only, "m1": coarse_only, "m2": coarse_only, "c": coarse_only})
+    started = time.perf_counter()
+    events = await _events(client, Options(deadline_ms=5000, stream=True))
+    assert events[-1][0] == "final" and time.perf_counter() - started < 1.0
