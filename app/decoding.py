@@ -33,18 +33,26 @@ class Decoder:
         self.code = Code(coeffs) if coeffs is not None and coded_rows else None
         self.final = final  # the index of the float32 resolution
 
-    def answers(self, real: dict[str, Answer], coded: dict[str, Answer], wanted: list[str]) -> dict[str, Answer]:
+    def answers(
+        self,
+        real: dict[str, Answer],
+        coded: dict[str, Answer],
+        wanted: list[str],
+        decodable: set[str] | None = None,
+    ) -> dict[str, Answer]:
         """Best answer per wanted member; members that can be neither seen nor decoded are absent.
 
         Decoding uses every real member answer and the coded outputs; its resolution is the lowest
         resolution among them. A member whose real answer is stuck below the final resolution is
-        decoded too when that gives the final resolution (a straggler paused mid-stream).
+        decoded too when that gives the final resolution (a straggler paused mid-stream). Only the
+        members in `decodable` (all when None) may be decoded: the others keep their real answer.
         """
         out = {m: real[m] for m in wanted if m in real}
         if self.code is None or not coded:
             return out
-        missing = [m for m in self.members if m not in real]
-        lagging = [m for m in self.members if m in real and real[m].resolution < self.final]
+        allowed = self.members if decodable is None else [m for m in self.members if m in decodable]
+        missing = [m for m in allowed if m not in real]
+        lagging = [m for m in allowed if m in real and real[m].resolution < self.final]
         for erase in (missing, missing + lagging) if lagging else (missing,):
             decoded = self._decode(erase, real, coded)
             for member, answer in decoded.items():

@@ -25,6 +25,7 @@ from app.errors import ReplicaError
 from app.group import Group
 from app.hedging import LatencyTracker
 from app.metrics import GatewayMetrics
+from app.patience import Patience
 from app.replicas import ReplicaHealth
 from app.upstream import ReplicaClient
 from workers.protocol import ProtocolError, encode_binary_request, parse_response
@@ -82,6 +83,14 @@ class Fanout:
         self.decoder = group.decoder()
         self.latency = LatencyTracker(quantile=group.hedge_quantile)
         self.load = ReplicaLoad()
+        settings = client.settings
+        self.patient = settings.decode_policy == "patient"
+        self.patience = Patience(
+            settings.patience_quantile,
+            settings.patience_margin_ms / 1000,
+            settings.patience_initial_ms / 1000,
+            on_change=lambda member, s: metrics.patience.labels(member).set(s),
+        )
 
     async def execute(
         self,
@@ -168,6 +177,8 @@ class _Call:
         self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
         if url == self.group.urls.get(name):
             self.fanout.latency.record(name, elapsed)
+            if name in self.group.members:
+                self.fanout.patience.record(name, elapsed)
 
     async def reported(self, name: str) -> None:
         try:
@@ -220,6 +231,7 @@ class _Run:
         self.pending: set[str] = set()
         self.seq = 0
         self.last: dict[str, tuple[int, bool]] | None = None
+        self.dispatched = time.perf_counter()  # when the replica calls went out: patience counts from here
 
     def _update(
         self, event: str, answers: dict[str, Answer] | None = None, error: str | None = None, status: int = 200
@@ -262,23 +274,71 @@ class _Run:
         answers: dict[str, Answer] = {}
         if not self.pending:  # every replica's circuit is open: fail now, not at the time-out
             return self._failed()
+        wake: float | None = None
         try:
             async with asyncio.timeout(max(remaining, 0.0)):
                 while True:
-                    name, item = await queue.get()
-                    self._accept(name, item)
+                    try:
+                        name, item = await (queue.get() if wake is None else asyncio.wait_for(queue.get(), wake))
+                        self._accept(name, item)
+                    except TimeoutError:  # a member's patience ran out: it is late now
+                        pass
                     answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
                     if len(answers) == len(self.members):
-                        if self._is_final(answers) or not self.pending:  # nothing left that could improve it
-                            return self._update("final", answers)
+                        if not self.pending:  # nothing left that could improve it
+                            return self._final(answers)
+                        late = self._late()
+                        usable = (
+                            answers
+                            if late is None
+                            else self.fanout.decoder.answers(self.real, self.coded, self.members, decodable=late)
+                        )
+                        if len(usable) == len(self.members) and self._is_final(usable):
+                            return self._final(usable)
                         update = self._progress(answers)
                         if update is not None:
                             await emit(update)
                     elif not self.pending:
                         return self._failed()
+                    wake = self._until_late(answers)
         except TimeoutError:
             pass
         return self._at_deadline(answers)
+
+    def _late(self) -> set[str] | None:
+        """Members whose answers may be decoded for the final: all (None) under the eager policy;
+        under the patient one, those that are late: their call has run past their patience, or has
+        ended without the answer (failed, or never sent: an open circuit)."""
+        if not self.fanout.patient:
+            return None
+        elapsed = time.perf_counter() - self.dispatched
+        budget = self.fanout.patience.budget_s
+        return {m for m in self.members if m not in self.pending or elapsed >= budget(m)}
+
+    def _until_late(self, answers: dict[str, Answer]) -> float | None:
+        """Seconds until the next member that lacks its own final answer becomes late (None: no such
+        member, or the eager policy): the loop wakes then to decode it."""
+        if not self.fanout.patient:
+            return None
+        elapsed = time.perf_counter() - self.dispatched
+        final = self.group.resolutions - 1
+        waits = [
+            self.fanout.patience.budget_s(m) - elapsed
+            for m in self.members
+            if m in self.pending and not (m in self.real and self.real[m].resolution == final)
+        ]
+        positive = [w for w in waits if w > 0]
+        return min(positive) if positive else None
+
+    def _final(self, answers: dict[str, Answer]) -> Update:
+        """The final; members whose calls it cuts short are recorded at the time they were cut (a
+        lower bound of their latency, so that a node that slowed down for good raises its patience)."""
+        if self.fanout.patient:
+            elapsed = time.perf_counter() - self.dispatched
+            for m, answer in answers.items():
+                if not answer.real and m in self.pending:
+                    self.fanout.patience.record(m, elapsed)
+        return self._update("final", answers)
 
     def _progress(self, answers: dict[str, Answer]) -> Update | None:
         keys = {m: a.key for m, a in answers.items()}

@@ -15,8 +15,11 @@ MIN_S = 0.001
 
 
 class LatencyTracker:
-    def __init__(self, quantile: float = 0.95) -> None:
+    """A quantile of each replica's last WINDOW call latencies, recomputed every REFRESH samples."""
+
+    def __init__(self, quantile: float = 0.95, initial_s: float = INITIAL_S) -> None:
         self.quantile = quantile
+        self.initial_s = initial_s
         self.samples: dict[str, deque[float]] = {}
         self.delays: dict[str, float] = {}
         self.fresh: dict[str, int] = {}
@@ -30,4 +33,4 @@ class LatencyTracker:
             self.fresh[member] = 0
 
     def hedge_delay_s(self, member: str) -> float:
-        return self.delays.get(member, INITIAL_S)
+        return self.delays.get(member, self.initial_s)

@@ -44,6 +44,12 @@ class GatewayMetrics:
             ["replica"],
             registry=r,
         )
+        self.patience = Gauge(
+            "coinserve_replica_patience_seconds",
+            "How long a call to this member may run before its answer is decoded (decode policy patient)",
+            ["replica"],
+            registry=r,
+        )
         self.hedges = Counter("coinserve_hedged_calls_total", "Member calls re-sent to the hedging replica", registry=r)
         self.inflight = Gauge("coinserve_inflight_requests", "Requests being answered", registry=r)
         self.streams = Gauge("coinserve_open_streams", "Open server-sent-event streams", registry=r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,20 @@ class GatewaySettings(BaseSettings):
     coded_method: str = Field(
         "coin", description="which coded models of the bundle protect the members ('none': no coding)"
     )
+    decode_policy: Literal["patient", "eager"] = Field(
+        "patient",
+        description="patient: decode a member only once it is late (its patience ran out) or at the deadline; "
+        "eager: as soon as any k of k + 1 answers are in (the comparison baseline)",
+    )
+    patience_quantile: float = Field(
+        0.999,
+        gt=0,
+        lt=1,
+        description="a member is late once its call runs past this quantile of its recent calls (chosen on "
+        "validation: docs/serving.md)",
+    )
+    patience_margin_ms: float = Field(5.0, ge=0, description="added to that quantile")
+    patience_initial_ms: float = Field(50.0, gt=0, description="the patience before a replica has any history")
     hedge_replica: str | None = Field(
         None, description="URL of a replica hosting every member: enables hedged requests"
     )

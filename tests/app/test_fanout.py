@@ -33,9 +33,11 @@ def _line(name: str, resolution: int) -> dict[str, Any]:
 class ScriptedClient:
     """Each replica replies with (delay_s, resolution) steps, or fails with `fail`."""
 
-    def __init__(self, script: dict[str, list[tuple[float, int]]], fail: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, script: dict[str, list[tuple[float, int]]], fail: dict[str, str] | None = None, **settings: Any
+    ) -> None:
         self.script, self.fail = script, fail or {}
-        self.settings = GatewaySettings(upstream_timeout_s=2)
+        self.settings = GatewaySettings(upstream_timeout_s=2, **settings)
         self.cancelled: list[str] = []
 
     async def stream(
@@ -157,3 +159,50 @@ async def test_every_member_answered_and_no_call_left_ends_at_once():
     started = time.perf_counter()
     events = await _events(client, Options(deadline_ms=5000, stream=True))
     assert events[-1][0] == "final" and time.perf_counter() - started < 1.0
+
+
+ONE_SHOT = [(0.0, 1)]  # a plain JSON call: the float32 answer only
+
+
+@pytest.mark.anyio
+async def test_patient_waits_for_a_member_that_is_slower_than_the_coded_replica_but_not_late():
+    """m2 answers 40 ms after the coded replica: eager decodes it, patient (patience 200 ms) waits and
+    serves its exact answer."""
+    script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "m2": [(0.04, 1)], "c": [(0.0, 1)]}
+    eager = await _events(ScriptedClient(script, decode_policy="eager"), Options())
+    patient = await _events(ScriptedClient(script, patience_initial_ms=200), Options())
+    assert eager[-1][:2] == ("final", ["m2"]) and eager[-1][2] < 40
+    assert patient[-1][:2] == ("final", []) and patient[-1][2] >= 40
+
+
+@pytest.mark.anyio
+async def test_patient_decodes_a_member_once_it_is_late():
+    """m2 never answers: once its patience (50 ms + 5 ms margin before any history) has run out it is
+    decoded, and the final says so."""
+    script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "c": [(0.0, 1)]}
+    events = await _events(ScriptedClient(script, patience_initial_ms=50, patience_margin_ms=5), Options())
+    assert events[-1][:2] == ("final", ["m2"])
+    assert 55 <= events[-1][2] < 55 + 100
+
+
+@pytest.mark.anyio
+async def test_patient_streams_a_decoded_answer_early_and_replaces_it_with_the_exact_one():
+    """On a stream the decoded answer may go out at once (coarse), the exact one replaces it, and the
+    final is exact."""
+    script = {"m0": FAST, "m1": FAST, "m2": [(0.04, 0), (0.01, 1)], "c": FAST}
+    events = await _events(ScriptedClient(script, patience_initial_ms=200), Options(stream=True))
+    assert events[0][:2] == ("coarse", ["m2"])
+    assert events[-1][:2] == ("final", [])
+
+
+def test_patience_is_a_quantile_of_recent_calls_plus_the_margin():
+    from app.patience import Patience
+
+    changes: list[tuple[str, float]] = []
+    patience = Patience(0.9, 0.005, 0.05, on_change=lambda m, s: changes.append((m, s)))
+    assert patience.budget_s("m0") == pytest.approx(0.055)  # no history yet
+    samples = [ms / 1000 for ms in range(1, 102)]  # the quantile is refreshed every 50 new samples
+    for seconds in samples:
+        patience.record("m0", seconds)
+    assert patience.budget_s("m0") == pytest.approx(float(np.quantile(samples, 0.9)) + 0.005)
+    assert changes and changes[-1][0] == "m0"

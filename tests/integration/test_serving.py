@@ -248,6 +248,22 @@ def test_concurrent_requests_all_end_with_one_final(service):
     assert results == [1] * 16
 
 
+def test_without_stragglers_answers_are_exact(service):
+    """Issue 13: no straggler anywhere, 60 plain JSON calls from 4 clients at once. Under the default
+    `patient` policy a member is decoded only once it is late, so (almost) every final is exact; the
+    `eager` rule this replaced decoded one member in about 70% of such calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [request_body(1, seed=i) for i in range(60)]
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda b: client.post(f"{service.url}/v2/models/fashion/infer", json=b), bodies))
+    assert all(r.status_code == 200 for r in responses)
+    approximate = [
+        r.json()["parameters"]["decoded_members"] for r in responses if r.json()["parameters"]["approximate"]
+    ]
+    assert len(approximate) <= 2, approximate  # a member may really be late now and then on a busy machine
+
+
 def test_answers_agree_with_the_members_run_offline(service, coded_bundle):
     import torch
 

@@ -1,0 +1,39 @@
+"""How long the gateway waits for a member's own answer before it decodes it (DESIGN §4, "exact
+whenever it arrives in time").
+
+`eager` decodes as soon as any k of the k + 1 answers are in (ParM's rule: the coded replica then
+often replaces a healthy member that was a millisecond slower). `patient` (the default) waits for
+each member's exact answer until the member is *late*: its call has run longer than the member's
+patience, a high quantile of its recent call latencies plus a small margin, learnt online per
+replica, so it follows load and a slow node. A call that is cut short because its member was
+decoded is recorded at the time it was cut (a lower bound of its latency): when a node slows down
+for good, more than (1 − quantile) of its calls are cut, the quantile climbs and the patience
+follows it; a short pause (SIGSTOP) moves it only a little. The deadline overrides patience: at the
+deadline the best answers, decoded ones included, are released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from app.hedging import LatencyTracker
+
+
+class Patience:
+    def __init__(
+        self, quantile: float, margin_s: float, initial_s: float, on_change: Callable[[str, float], None] | None = None
+    ) -> None:
+        self.tracker = LatencyTracker(quantile=quantile, initial_s=initial_s)
+        self.margin_s = margin_s
+        self.on_change = on_change
+
+    def budget_s(self, member: str) -> float:
+        """How long a call to `member` may run before its member counts as late."""
+        return self.tracker.hedge_delay_s(member) + self.margin_s
+
+    def record(self, member: str, seconds: float) -> None:
+        before = self.tracker.delays.get(member)
+        self.tracker.record(member, seconds)
+        after = self.tracker.delays.get(member)
+        if self.on_change is not None and after is not None and after != before:
+            self.on_change(member, after + self.margin_s)
