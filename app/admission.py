@@ -17,7 +17,7 @@ Two bounds, both answered at once (never by queueing):
   A replica with calls in flight but no completion in the window (a paused straggler) gives no
   estimate and does not refuse anything: the deadline and the coded replica deal with it.
 - **The gateway's own lag** (503 + `Retry-After`, before the body is read): a timer that should fire
-  every 5 ms measures how late the event loop runs it. When the loop is more than
+  every 5 ms measures how late the event loop runs it (averaged over 100 ms). When the loop is more than
   `overload_lag_ms` behind, the gateway itself is the bottleneck: every request it takes on makes
   every other one later, including their refusals, so new requests are turned away at the cheapest
   point, before their bodies are read and parsed.
@@ -89,27 +89,37 @@ class ReplicaLoad:
 
 class LoopLag:
     """How far behind the event loop is: the overshoot of a short periodic sleep, averaged over the
-    last `window` ticks (about 100 ms when the loop keeps up), so that one burst or one slow
-    callback does not count as overload, and a loop that stays behind does."""
+    ticks of the last `window_s` (one burst or one slow callback does not count as overload, a
+    loop that stays behind does), and at least the time since the last tick was due (a loop that
+    has fallen far behind runs few ticks, and must not wait for them to notice)."""
 
     def __init__(
-        self, interval_s: float = 0.005, window: int = 20, observe: Callable[[float], None] | None = None
+        self, interval_s: float = 0.005, window_s: float = 0.1, observe: Callable[[float], None] | None = None
     ) -> None:
         self.interval_s = interval_s
-        self.recent: deque[float] = deque([0.0], maxlen=window)
+        self.window_s = window_s
+        self.ticks: deque[tuple[float, float]] = deque()  # (when, lag)
+        self.last = time.perf_counter()
         self.observe = observe
         self._task: asyncio.Task[None] | None = None
 
     @property
     def lag_s(self) -> float:
-        return sum(self.recent) / len(self.recent)
+        now = time.perf_counter()
+        overdue = now - self.last - self.interval_s
+        ticks = self.ticks
+        while ticks and ticks[0][0] < now - self.window_s:
+            ticks.popleft()
+        recent = sum(lag for _, lag in ticks) / len(ticks) if ticks else 0.0
+        return max(recent, overdue, 0.0)
 
     async def _run(self) -> None:
         while True:
-            before = time.perf_counter()
+            self.last = before = time.perf_counter()
             await asyncio.sleep(self.interval_s)
-            lag = max(0.0, time.perf_counter() - before - self.interval_s)
-            self.recent.append(lag)
+            now = time.perf_counter()
+            lag = max(0.0, now - before - self.interval_s)
+            self.ticks.append((now, lag))
             if self.observe is not None:
                 self.observe(lag)
 

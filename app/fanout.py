@@ -274,35 +274,41 @@ class _Run:
         answers: dict[str, Answer] = {}
         if not self.pending:  # every replica's circuit is open: fail now, not at the time-out
             return self._failed()
+        # The deadline is a plain wait with a time-out, never a cancellation: a cancellation that
+        # races an arriving answer can be swallowed (asyncio.wait_for), and the request would run on
+        # past its deadline.
+        deadline = time.perf_counter() + max(remaining, 0.0)
         wake: float | None = None
+        getter: asyncio.Future[tuple[str, Any]] | None = None
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                while True:
-                    try:
-                        name, item = await (queue.get() if wake is None else asyncio.wait_for(queue.get(), wake))
-                        self._accept(name, item)
-                    except TimeoutError:  # a member's patience ran out: it is late now
-                        pass
-                    answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
-                    if len(answers) == len(self.members):
-                        if not self.pending:  # nothing left that could improve it
-                            return self._final(answers)
-                        late = self._late()
-                        usable = (
-                            answers
-                            if late is None
-                            else self.fanout.decoder.answers(self.real, self.coded, self.members, decodable=late)
-                        )
-                        if len(usable) == len(self.members) and self._is_final(usable):
-                            return self._final(usable)
-                        update = self._progress(answers)
-                        if update is not None:
-                            await emit(update)
-                    elif not self.pending:
-                        return self._failed()
-                    wake = self._until_late(answers)
-        except TimeoutError:
-            pass
+            while (left := deadline - time.perf_counter()) > 0:
+                getter = getter or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=left if wake is None else min(left, wake))
+                if done:  # else a member's patience ran out (it is late now) or the deadline came
+                    name, item = getter.result()
+                    getter = None
+                    self._accept(name, item)
+                answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
+                if len(answers) == len(self.members):
+                    if not self.pending:  # nothing left that could improve it
+                        return self._final(answers)
+                    late = self._late()
+                    usable = (
+                        answers
+                        if late is None
+                        else self.fanout.decoder.answers(self.real, self.coded, self.members, decodable=late)
+                    )
+                    if len(usable) == len(self.members) and self._is_final(usable):
+                        return self._final(usable)
+                    update = self._progress(answers)
+                    if update is not None:
+                        await emit(update)
+                elif not self.pending:
+                    return self._failed()
+                wake = self._until_late(answers)
+        finally:
+            if getter is not None:
+                getter.cancel()
         return self._at_deadline(answers)
 
     def _late(self) -> set[str] | None:

@@ -48,7 +48,7 @@ class GatewaySettings(BaseSettings):
     max_open_streams: int = Field(256, ge=1, description="open event streams before 503 + Retry-After")
     max_deadline_ms: float = Field(60_000, gt=0, description="largest deadline_ms a client may ask for")
     overload_lag_ms: float = Field(
-        20.0, gt=0, description="refuse new requests (503 + Retry-After) while the event loop is this far behind"
+        5.0, gt=0, description="refuse new requests (503 + Retry-After) while the event loop is this far behind"
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="bound on a request with no deadline_ms")
     connect_timeout_s: float = Field(1.0, gt=0)

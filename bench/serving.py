@@ -8,12 +8,13 @@
 3. Deadline: the default bundle, member-1 paused with SIGSTOP for the whole run, Poisson arrivals,
    SSE requests with deadline_ms; (a) the coded replica up: time of the final; (b) the coded replica
    paused too: the terminal event must come at the deadline.
-4. Overload: the default bundle; capacity measured closed-loop (concurrency 32) with JSON requests
-   carrying deadline_ms = 300, then open-loop Poisson arrivals at twice that rate for 60 s. Every
-   request is timed by the load generator's clock from the moment it is sent: admitted requests
-   must end within deadline + 50 ms (p99) and + 100 ms (p99.9), refused ones (429/503) within
-   50 ms, none lost; the gateway's resident memory is sampled throughout. The per-request samples
-   are written next to the JSON (`<json stem>_overload_raw.json.gz`).
+4. Overload: the default bundle; capacity measured closed-loop (concurrency 32, load shedding off)
+   with JSON requests carrying deadline_ms = 300, then, on a fresh cluster with the defaults,
+   open-loop Poisson arrivals at twice that rate for 60 s. Every request is timed by the load
+   generator's clock from the moment it is sent: admitted requests must end within deadline
+   + 50 ms (p99) and + 100 ms (p99.9), refused ones (429/503) within 50 ms, none lost; the
+   gateway's resident memory is sampled throughout. The per-request samples are written next to
+   the JSON (`<json stem>_overload_raw.json.gz`).
 Every trial is printed as it ends; the machine and settings head the output.
 
     python -m bench.serving --only overload --json docs/results/overload.json
@@ -224,15 +225,24 @@ def overload(
     import gzip
     import threading
 
+    reqs = bodies(64, {"deadline_ms": deadline_ms})
+    # Capacity: closed loop at concurrency 32 with load shedding off (a refused request would come
+    # straight back and the probe would measure its own refusal storm).
+    probe_cluster = launcher.start(bundle, launcher.free_port(), env={"COINSERVE_OVERLOAD_LAG_MS": "1e9"})
+    try:
+        launcher.wait_ready(probe_cluster)
+        probe_url = f"{probe_cluster.children[-1].url}/v2/models/fashion/infer"
+        asyncio.run(closed_loop(probe_url, reqs, 8, 2.0))  # warm-up
+        probe = asyncio.run(closed_loop(probe_url, reqs, 32, 8.0))
+    finally:
+        probe_cluster.stop()
+    capacity = len([s for s in probe.samples if s.status == 200]) / probe.seconds
+    rate = factor * capacity
     cluster = default_cluster(bundle)
     gateway = cluster.children[-1]
     try:
         url = f"{gateway.url}/v2/models/fashion/infer"
-        reqs = bodies(64, {"deadline_ms": deadline_ms})
-        asyncio.run(closed_loop(url, reqs, 8, 2.0))  # warm-up
-        probe = asyncio.run(closed_loop(url, reqs, 32, 8.0))
-        capacity = len([s for s in probe.samples if s.status == 200]) / probe.seconds
-        rate = factor * capacity
+        asyncio.run(closed_loop(url, reqs, 4, 2.0))  # warm-up
         count = int(rate * seconds)
         rss: list[tuple[float, float]] = []
         stop = threading.Event()
