@@ -18,19 +18,24 @@ def default_bundle() -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from models.train import TrainingConfig, train_bundle
+    from models.train import preset, train_bundle
 
-    cfg = TrainingConfig(
+    flags = {
+        "member_steps": args.member_steps,
+        "member_lr": args.member_lr,
+        "alpha": args.alpha,
+        "base_epochs": args.epochs,
+    }
+    cfg = preset(
+        args.preset,
         architecture=args.architecture,
         k=args.k,
         seed=args.seed,
-        base_epochs=args.epochs,
-        member_steps=args.member_steps,
-        alpha=args.alpha,
         train_limit=args.train_limit,
         test_limit=args.test_limit,
+        **{name: value for name, value in flags.items() if value is not None},
     )
-    manifest = train_bundle(args.out, cfg)
+    manifest = train_bundle(args.out, cfg, choose_recipe=args.choose_recipe)
     print(f"bundle written to {args.out}")
     print(f"  base test accuracy {manifest['base_test_accuracy']:.4f}")
     for member in manifest["members"]:
@@ -50,9 +55,21 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--k", type=int, default=4, help="number of members (default 4)")
     p.add_argument("--architecture", choices=("cnn", "mlp"), default="cnn")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=6, help="base training epochs (default 6)")
-    p.add_argument("--member-steps", type=int, default=100, help="fine-tuning steps per member (default 100)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the shards (default 0.5)")
+    p.add_argument(
+        "--preset",
+        choices=("default", "far"),
+        default="default",
+        help="default: 100 steps, lr 1e-4, alpha 0.5; far: members far apart (1000 steps, lr 3e-4, alpha 0.2)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="base training epochs (default 6)")
+    p.add_argument("--member-steps", type=int, default=None, help="fine-tuning steps per member (preset's)")
+    p.add_argument("--member-lr", type=float, default=None, help="fine-tuning learning rate (preset's)")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration of the shards (preset's)")
+    p.add_argument(
+        "--choose-recipe",
+        action="store_true",
+        help="choose shard alpha, member lr and steps on the validation split from docs/training.md's grid",
+    )
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test images")
     p.set_defaults(func=_cmd_train)
@@ -62,20 +79,13 @@ def _cmd_code(args: argparse.Namespace) -> int:
     import torch
 
     from models.bundle import open_bundle
-    from models.coded import Ingredients, build_coded, members_of, write_coded
+    from models.coded import BUILD_OPTIONS, build_coded, ingredients_from_options, write_coded
     from models.data import load_split
     from models.runtime import use_all_cores
 
     use_all_cores()
     bundle = open_bundle(args.bundle)
-    ingredients = Ingredients(
-        bundle,
-        members_of(bundle),
-        calibration_images=args.calibration_images,
-        fisher_kind=args.fisher,
-        parity_epochs=args.parity_epochs,
-        calibrate=not args.no_calibrate,
-    )
+    ingredients = ingredients_from_options(bundle, **{name: getattr(args, name) for name in BUILD_OPTIONS})
     k = len(bundle.member_names)
     coded = build_coded(ingredients, args.method, k, args.r)
     test = load_split("test")
@@ -88,14 +98,36 @@ def _cmd_code(args: argparse.Namespace) -> int:
 
 
 def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("code", help="add coded models (COIN or a baseline) to a bundle")
+    # Method names are spelled out (not imported from models.coded) so that building the parser
+    # never loads torch; tests/app/test_cli.py checks they match models.coded.METHODS.
+    methods = (
+        "coin",
+        "coin-norm",
+        "average",
+        "regmean",
+        "coin-distill",
+        "coin-norm-distill",
+        "average-distill",
+        "regmean-distill",
+        "parity",
+    )
+    p = sub.add_parser("code", help="add coded models (COIN, another merge, or a baseline) to a bundle")
     p.add_argument("--bundle", type=Path, default=default_bundle())
     p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
-    p.add_argument("--method", choices=("coin", "average", "parity"), default="coin")
-    p.add_argument("--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin)")
-    p.add_argument("--calibration-images", type=int, default=1000, help="validation images for the Fisher (coin)")
+    p.add_argument("--method", choices=methods, default="coin", help="how the coded model is built (default coin)")
+    p.add_argument(
+        "--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin*)"
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=1000, help="validation images for Fisher, Grams, temperature"
+    )
     p.add_argument("--parity-epochs", type=int, default=6, help="training epochs of the parity model (parity)")
-    p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit (coin, average)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit of merged models")
+    p.add_argument("--regmean-alpha", type=float, default=0.95, help="off-diagonal Gram scaling (regmean*)")
+    p.add_argument("--distill-steps", type=int, default=100, help="Adam steps toward the mixture (*-distill)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (*-distill)")
+    p.add_argument("--distill-loss", choices=("mse", "kl"), default="mse", help="distillation loss (*-distill)")
+    p.add_argument("--distill-images", type=int, default=10000, help="unlabelled training images to distil on")
     p.set_defaults(func=_cmd_code)
 
 
@@ -103,42 +135,73 @@ def _cmd_eval_coding(args: argparse.Namespace) -> int:
     import json
 
     from models.bundle import open_bundle
+    from models.coded import BUILD_OPTIONS, ingredients_from_options
     from models.coding_eval import evaluate_coding, report
     from models.runtime import use_all_cores
+    from models.selection import choose_coding_method, coding_scores
 
     use_all_cores()
+    bundle = open_bundle(args.bundle)
     rows, objective = evaluate_coding(
-        open_bundle(args.bundle),
+        bundle,
         ks=args.k,
         rs=args.r,
         methods=args.methods,
-        parity_epochs=args.parity_epochs,
-        calibrate=not args.no_calibrate,
         test_limit=args.test_limit,
+        ingredients=ingredients_from_options(bundle, **{name: getattr(args, name) for name in BUILD_OPTIONS}),
     )
-    print(report(rows, objective))
+    scores = coding_scores(rows)
+    default = choose_coding_method(rows)  # validation rows only
+    print(report(rows, objective, scores))
+    print(f"default method (chosen on validation): {default}")
     if args.json:
+        split = {name: [r for r in rows if r["split"] == name] for name in ("test", "validation")}
+        out = {
+            "default_method": default,
+            "chosen_on": "validation",
+            "validation_scores": scores,
+            "rows": split["test"],
+            "validation_rows": split["validation"],
+            "objective": objective,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"wrote {len(rows)} rows to {args.json}")
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {len(split['test'])} test and {len(split['validation'])} validation rows to {args.json}")
     return 0
 
 
 def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("eval-coding", help="evaluate COIN and the baselines on the test split")
+    # As in _add_code, spelled out so the parser never loads torch (checked against models.coded.EVALUATED).
+    methods = (
+        "coin",
+        "coin-norm",
+        "average",
+        "regmean",
+        "coin-distill",
+        "average-distill",
+        "regmean-distill",
+        "parity",
+    )
+    p = sub.add_parser("eval-coding", help="evaluate coded models: choose the default on validation, report on test")
     p.add_argument("--bundle", type=Path, default=default_bundle())
-    p.add_argument("--json", type=Path, default=None, help="write one JSON object per (method, k, r, straggler)")
+    p.add_argument("--json", type=Path, default=None, help='write {"default_method", "rows", "validation_rows", ...}')
     p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--r", type=int, nargs="+", default=[1, 2])
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        choices=("coin", "average", "parity", "none"),
-        default=["coin", "average", "parity", "none"],
-    )
-    p.add_argument("--parity-epochs", type=int, default=6)
+    p.add_argument("--methods", nargs="+", choices=(*methods, "coin-norm-distill", "none"), default=[*methods, "none"])
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test images")
+    p.add_argument(
+        "--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin*)"
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=1000, help="validation images for Fisher, Grams, temperature"
+    )
+    p.add_argument("--parity-epochs", type=int, default=6, help="training epochs of the parity model (parity)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit of merged models")
+    p.add_argument("--regmean-alpha", type=float, default=0.95, help="off-diagonal Gram scaling (regmean*)")
+    p.add_argument("--distill-steps", type=int, default=100, help="Adam steps toward the mixture (*-distill)")
+    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (*-distill)")
+    p.add_argument("--distill-loss", choices=("mse", "kl"), default="mse", help="distillation loss (*-distill)")
+    p.add_argument("--distill-images", type=int, default=10000, help="unlabelled training images to distil on")
     p.set_defaults(func=_cmd_eval_coding)
 
 

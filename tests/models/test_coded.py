@@ -8,16 +8,23 @@ from models.bundle import open_bundle
 from models.coded import Ingredients, build_coded, members_of, write_coded
 from models.coding import coefficients
 from models.data import load_split
+from models.distill import DistillConfig
 from models.parity import mixture_targets, train_parity
 
 
 @pytest.fixture
 def ingredients(tiny_bundle_copy):
     bundle = open_bundle(tiny_bundle_copy)
-    return Ingredients(bundle, members_of(bundle), calibration_images=200, parity_epochs=1)
+    distill = DistillConfig(steps=3)
+    return Ingredients(
+        bundle, members_of(bundle), calibration_images=200, parity_epochs=1, distill=distill, distill_images=300
+    )
 
 
-@pytest.mark.parametrize(("method", "r"), [("coin", 1), ("coin", 2), ("average", 1)])
+@pytest.mark.parametrize(
+    ("method", "r"),
+    [("coin", 1), ("coin", 2), ("average", 1), ("regmean", 2), ("average-distill", 2)],
+)
 def test_merged_coded_models_are_built_and_calibrated(ingredients, method, r):
     coded = build_coded(ingredients, method, k=3, r=r)
     assert len(coded.models) == r
@@ -72,3 +79,30 @@ def test_parity_model_learns_the_mixture(ingredients):
 def test_unknown_method_is_refused(ingredients):
     with pytest.raises(ValueError, match="unknown coding method 'magic'"):
         build_coded(ingredients, "magic", 3, 1)
+
+
+def test_distilled_rows_record_steps_and_seconds(ingredients):
+    coded = build_coded(ingredients, "regmean-distill", k=2, r=2)
+    assert coded.details["distill"]["steps"] == 3
+    assert [row["steps"] for row in coded.details["distill"]["rows"]] == [3, 3]
+    assert all(row["seconds"] > 0 for row in coded.details["distill"]["rows"])
+    assert coded.details["regmean"]["alpha"] == pytest.approx(0.95)
+
+
+def test_each_coded_row_is_distilled_toward_its_own_mixture(ingredients):
+    coded = build_coded(ingredients, "average-distill", k=3, r=2)
+    images, _ = ingredients.calibration()
+    targets = [mixture_targets(ingredients.members[:3], images, row) for row in coded.coeffs]  # (N, C) each
+    with torch.no_grad():
+        outputs = [torch.softmax(m(images), 1) for m in coded.models]
+    errors = [[float(torch.mean((out - target) ** 2)) for target in targets] for out in outputs]
+    assert errors[0][0] < errors[0][1] and errors[1][1] < errors[1][0]
+
+
+def test_normalised_fisher_has_unit_mean_per_tensor():
+    from models.coded import _unit_mean
+
+    fisher = {"w": torch.tensor([1.0, 3.0]), "b": torch.tensor([0.0, 0.0])}
+    normalised = _unit_mean(fisher)
+    torch.testing.assert_close(normalised["w"], torch.tensor([0.5, 1.5]))
+    assert torch.all(normalised["b"] == 0)  # an all-zero Fisher stays zero (the merge falls back to the mean)

@@ -40,7 +40,7 @@ def test_manifest_records_the_training_figures(tiny_bundle):
         assert 0.0 <= member["test_accuracy"] <= 1.0
         assert sum(member["shard"]["class_counts"]) == member["shard"]["size"]
     assert sum(m["shard"]["size"] for m in manifest["members"]) == 1500
-    assert set(manifest["training"]["seconds"]) == {"load_data", "base", "members"}
+    assert set(manifest["training"]["seconds"]) == {"load_data", "base", "members", "plan"}
 
 
 def test_members_start_from_the_base_and_drift(tiny_bundle):

@@ -1,0 +1,151 @@
+"""Every choice coinserve makes from data, made on the validation split only (DESIGN §5).
+
+- the default coding method: the best mean agreement on disagreement over the validation rows of
+  `coinserve eval-coding`, among methods that build in ≤ 10% of the parity model's time
+  (`choose_coding_method`);
+- the members' fine-tuning recipe: shard skew, learning rate and steps against the member targets
+  (`recipe_rows`, `choose_recipe`);
+- the served refinement plan: the fewest planes within 5 points of float32 (`choose_plan`).
+
+None of these reads the test split; tests/models/test_selection.py runs them with `load_split("test")`
+raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.bitplanes import RefinementPlan
+from models.bundle import Bundle
+from models.coded import Ingredients
+from models.coding_eval import evaluate_coding, summary
+from models.data import Split, dirichlet_shards
+from models.evaluate import accuracy
+from models.networks import predict_proba
+from models.refine_eval import ladder_accuracy
+from models.train import TrainingConfig, finetune_member
+
+BASELINES = ("none",)  # a row kind, not a coded model one could serve
+BUILD_BUDGET = 0.10  # a coded model may cost at most 10% of training the parity model (issue 18)
+PLAN_TOLERANCE = 0.05  # the first resolution may lose at most 5 points against float32
+MEMBER_ACCURACY_FLOOR = 0.85  # every member this accurate on validation ...
+DISAGREEMENT_FLOOR = 0.05  # ... and every pair disagreeing on at least this fraction
+
+
+def coding_scores(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method, over validation rows only: mean agreement on disagreement over every (k, r), how
+    many (k, r) it beats plain averaging at, and its worst build time as a fraction of parity's."""
+    validation = [row for row in rows if row.get("split") == "validation"]
+    means = {(row["method"], row["k"], row["r"]): row for row in summary(validation)}
+    average = {(k, r): row["agreement_on_disagreement"] for (m, k, r), row in means.items() if m == "average"}
+    parity = {(k, r): row["build_seconds"] for (m, k, r), row in means.items() if m == "parity"}
+    scores = []
+    for method in sorted({m for m, _, _ in means} - set(BASELINES)):
+        cells = {(k, r): row for (m, k, r), row in means.items() if m == method}
+        values = [row["agreement_on_disagreement"] for row in cells.values()]
+        beats = sum(cell["agreement_on_disagreement"] > average.get(key, np.inf) for key, cell in cells.items())
+        ratios = [cell["build_seconds"] / parity[key] for key, cell in cells.items() if parity.get(key)]
+        scores.append(
+            {
+                "method": method,
+                "mean_agreement_on_disagreement": round(float(np.mean(values)), 4),
+                "beats_average": f"{beats}/{len(cells)}",
+                "worst_build_vs_parity": round(max(ratios), 4) if ratios else None,
+            }
+        )
+    return sorted(scores, key=lambda s: -s["mean_agreement_on_disagreement"])
+
+
+def choose_coding_method(rows: Sequence[dict[str, Any]]) -> str:
+    """The default method: best mean validation agreement on disagreement among the methods whose
+    build costs at most BUILD_BUDGET of the parity model's at every (k, r) (when parity was measured).
+    Test rows are ignored."""
+    scores = coding_scores(rows)
+    affordable = [s for s in scores if s["worst_build_vs_parity"] is None or s["worst_build_vs_parity"] <= BUILD_BUDGET]
+    if not affordable:
+        raise ValueError("no validation rows of an affordable method to choose a coding method from")
+    return str(affordable[0]["method"])
+
+
+def select_coding_method(
+    bundle: Bundle, ingredients: Ingredients, methods: Sequence[str], **kwargs: Any
+) -> tuple[str, list[dict[str, Any]]]:
+    """Build and measure every method on validation only, then choose; returns (method, rows)."""
+    rows, _ = evaluate_coding(bundle, methods=methods, splits=("validation",), ingredients=ingredients, **kwargs)
+    return choose_coding_method(rows), rows
+
+
+# The grid docs/training.md searched (shard α, member lr, steps); k, seed and batch as the default recipe.
+RECIPE_CANDIDATES = tuple(
+    TrainingConfig(alpha=alpha, member_lr=lr, member_steps=steps)
+    for alpha, lr, steps in ((0.5, 2e-4, 300), (1.0, 3e-4, 300), (2.0, 2e-4, 300), (0.5, 1e-4, 100))
+)
+
+
+def recipe_rows(
+    base: nn.Module,
+    train: Split,
+    validation: Split,
+    candidates: Sequence[TrainingConfig],
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Fine-tune k members from `base` per candidate recipe and measure them on validation."""
+    images = torch.from_numpy(validation.images)
+    rows = []
+    for cfg in candidates:
+        shards = dirichlet_shards(train.labels, cfg.k, cfg.alpha, seed=cfg.seed)
+        members = [finetune_member(base, train.subset(index), cfg, i) for i, index in enumerate(shards)]
+        preds = [predict_proba(m, images).numpy() for m in members]
+        accuracies = [accuracy(p, validation.labels) for p in preds]
+        labels = [p.argmax(1) for p in preds]
+        pairs = [float(np.mean(a != b)) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+        rows.append(
+            {
+                "alpha": cfg.alpha,
+                "member_lr": cfg.member_lr,
+                "member_steps": cfg.member_steps,
+                "min_member_accuracy": round(min(accuracies), 4),
+                "max_member_accuracy": round(max(accuracies), 4),
+                "min_disagreement": round(min(pairs), 4),
+                "max_disagreement": round(max(pairs), 4),
+            }
+        )
+        log(f"recipe alpha={cfg.alpha} lr={cfg.member_lr} steps={cfg.member_steps}: {rows[-1]}")
+    return rows
+
+
+def recipe_margin(row: dict[str, Any]) -> float:
+    """How far the recipe clears both targets (negative: it misses one)."""
+    return min(row["min_member_accuracy"] - MEMBER_ACCURACY_FLOOR, row["min_disagreement"] - DISAGREEMENT_FLOOR)
+
+
+def choose_recipe(rows: Sequence[dict[str, Any]], default: TrainingConfig) -> TrainingConfig:
+    """The candidate clearing both member targets on validation by the widest margin."""
+    best = max(rows, key=recipe_margin)
+    return replace(default, alpha=best["alpha"], member_lr=best["member_lr"], member_steps=best["member_steps"])
+
+
+def choose_plan(
+    model: nn.Module, validation: Split, tolerance: float = PLAN_TOLERANCE
+) -> tuple[RefinementPlan, list[dict[str, Any]]]:
+    """Fewest planes whose validation accuracy is within `tolerance` of float32, with the exponent
+    layout (per channel or per tensor) that is more accurate there; returns (plan, the ladder rows)."""
+    ladder = ladder_accuracy(model, torch.from_numpy(validation.images), validation.labels)
+    best: tuple[int, float, bool] | None = None
+    for row in ladder:
+        per_channel = row["exponents"] == "per-channel"
+        planes = [int(p) for p in row if p.isdigit() and row[p] >= row["float32"] - tolerance]
+        if not planes:
+            continue
+        candidate = (min(planes), -row[str(min(planes))], not per_channel)
+        best = candidate if best is None or candidate < best else best
+    if best is None:  # nothing close enough: serve the most precise truncation before float32
+        return RefinementPlan(planes=(max(int(p) for p in ladder[0] if p.isdigit()),)), ladder
+    first, _, per_tensor = best
+    return RefinementPlan(planes=(first,), per_channel=not per_tensor), ladder
