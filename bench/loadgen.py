@@ -63,6 +63,10 @@ async def send_one(session: aiohttp.ClientSession, url: str, body: bytes, sse: b
                 parsed = orjson.loads(data) if data else None
                 outcome = "final" if response.status == 200 else f"http_{response.status}"
                 return Sample(start - t0, ms, ms, response.status, outcome, parsed)
+            if response.status != 200:  # refused or failed before the stream started: a JSON error
+                await response.read()
+                ms = (time.perf_counter() - start) * 1000
+                return Sample(start - t0, ms, ms, response.status, f"http_{response.status}")
             return await _read_sse(response, start, t0)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         ms = (time.perf_counter() - start) * 1000

@@ -171,6 +171,20 @@ async def _capacity(url: str, bodies: dict[str, list[bytes]], seconds: float, co
         return done / (time.perf_counter() - t0)
 
 
+def probe_capacity(bundle: Path, bodies: dict[str, list[bytes]]) -> float:
+    """The request mix's capacity, closed loop at concurrency 32, on a cluster of its own with load
+    shedding off (a refused request would come straight back: the probe would measure its own
+    refusal storm, not what the replicas can do)."""
+    cluster = launcher.start(bundle, launcher.free_port(), env={"COINSERVE_OVERLOAD_LAG_MS": "1e9"})
+    try:
+        launcher.wait_ready(cluster)
+        url = f"{cluster.children[-1].url}/v2/models/fashion/infer"
+        asyncio.run(_capacity(url, bodies, 2.0, concurrency=8))  # warm-up
+        return asyncio.run(_capacity(url, bodies, 8.0))
+    finally:
+        cluster.stop()
+
+
 def request_bodies(n: int) -> tuple[dict[str, list[bytes]], np.ndarray]:
     test = load_split("test")
     bodies: dict[str, list[bytes]] = {kind: [] for kind in KINDS}
@@ -212,16 +226,16 @@ def soak(
     members = [m["name"] for m in manifest["members"]]
     victim = victim or members[-1]
     bodies, _ = request_bodies(256)
+    capacity = None
+    if rate is None:
+        capacity = probe_capacity(bundle, bodies)
+        rate = load * capacity
     cluster = launcher.start(bundle, launcher.free_port())
     try:
         launcher.wait_ready(cluster)
         gateway = next(c for c in cluster.children if c.name == "gateway")
         url = f"{gateway.url}/v2/models/fashion/infer"
         asyncio.run(_capacity(url, bodies, 2.0, concurrency=8))  # warm-up
-        capacity = None
-        if rate is None:
-            capacity = asyncio.run(_capacity(url, bodies, 8.0))
-            rate = load * capacity
         replicas = [c for c in cluster.children if c.name not in ("gateway", victim)]
         pauses = schedule(seconds, len(replicas), intensity, seed)
         straggler = Straggler(pauses, [c.process.pid for c in replicas])
