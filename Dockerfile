@@ -2,7 +2,8 @@
 # read-only root filesystem. The default bundle is trained at build time from the Debian dataset
 # package, so nothing is downloaded at run time.
 #   docker build -t coinserve .
-#   docker run --rm -p 8000:8000 coinserve up --port 8000      (everything in one container, for a try)
+#   docker run --rm -p 8000:8000 -p 8001:8001 coinserve up --port 8000      (everything in one container, for a try;
+#   8001 is the gRPC endpoint)
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
@@ -14,6 +15,7 @@ COPY pyproject.toml README.md ./
 COPY app app
 COPY models models
 COPY workers workers
+COPY protocol protocol
 COPY bench bench
 # The CPU wheel of torch comes from PyTorch's own index; the rest from PyPI.
 RUN python -m venv /opt/venv \
@@ -35,6 +37,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     COINSERVE_WORKER_BUNDLE=/opt/coinserve/bundle
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000 8080
+EXPOSE 8000 8001 8080
 ENTRYPOINT ["coinserve"]
 CMD ["gateway", "--host", "0.0.0.0", "--port", "8000"]

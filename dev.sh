@@ -47,11 +47,17 @@ ensure_venv() {
   fi
 }
 
+# The browser tests (tests/integration/test_browser.py) drive Debian's headless Chromium with selenium.
+ensure_browser() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  apt_install chromium chromium-driver
+}
+
 setup() { ensure_python; ensure_dataset; ensure_venv; }
 
 case "${1:-}" in
   up)    shift; setup; exec "$VENV/bin/coinserve" up "$@" ;;
-  test)  shift; setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)  shift; setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;
   setup) setup ;;
   *)     echo "usage: ./dev.sh up [coinserve up flags] | ./dev.sh test [pytest args] | ./dev.sh setup" >&2; exit 2 ;;
 esac

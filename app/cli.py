@@ -332,7 +332,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _configure_logging("warning")  # the supervisor's one line per death and per restart
     _ensure_bundle(args.bundle, args.coded_method)
     example = _example_request(args.bundle)
-    cluster = launcher.start(args.bundle, args.port, args.coded_method)
+    cluster = launcher.start(args.bundle, args.port, args.coded_method, grpc_port=args.grpc_port)
     try:
         launcher.wait_ready(cluster)
     except (RuntimeError, TimeoutError) as exc:
@@ -342,6 +342,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{args.port}"
     gateway = cluster.children[-1]
     print(f"\ncoinserve is up: gateway {base} (group 'fashion', pid {gateway.process.pid}), metrics {base}/metrics")
+    if args.grpc_port:
+        print(f"  gRPC (OIP v2 GRPCInferenceService) on 127.0.0.1:{args.grpc_port}")
     for child in cluster.children[:-1]:
         print(f"  replica {child.name:14s} {child.url}  (pid {child.process.pid})")
     print("\ntry it (the first Fashion-MNIST test image, an ankle boot, class 9):")
@@ -356,6 +358,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="run the whole service on loopback: k members, coded replica(s), gateway")
     p.add_argument("--bundle", type=Path, default=default_bundle())
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(os.environ.get("COINSERVE_GRPC_PORT", "8001")),
+        help="gateway gRPC port (default 8001, or COINSERVE_GRPC_PORT; 0: off)",
+    )
     p.add_argument("--coded-method", default="coin", choices=("coin", "average", "parity"))
     p.set_defaults(func=_cmd_up)
 
@@ -397,6 +405,7 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--bundle", type=Path)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--grpc-port", dest="grpc_port", type=int, help="gRPC port (default 8001; 0: off)")
     p.add_argument("--group")
     p.add_argument("--coded-method", dest="coded_method")
     p.add_argument("--replica", action="append", help="NAME=URL of a member or coded replica (repeat)")

@@ -39,6 +39,13 @@ def check_group(gw: Gateway, group: str) -> None:
         raise NotFoundError(f"no model group {group!r}; this gateway serves {gw.group.name!r}")
 
 
+def check_version(gw: Gateway, version: str | None) -> None:
+    if version is not None and version != gw.group.version:
+        raise NotFoundError(
+            f"no version {version!r} of model group {gw.group.name!r}; its version is {gw.group.version!r}"
+        )
+
+
 async def gateway(request: Request) -> Gateway:
     return state_of(request)
 

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 TERMINAL = ("final", "error")
 
@@ -31,6 +31,10 @@ class Event:
     name: str  # coarse | refined | final | error
     status: int
     data: bytes
+    # The `Update` it was rendered from, kept by in-process logs only (never stored or sent): a
+    # surface that answers other than with `data` (binary tensors, chosen outputs, gRPC) renders it
+    # again without parsing `data`; a shared store leaves it None and the surface parses `data`.
+    update: Any = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:

@@ -28,7 +28,7 @@ from app.metrics import GatewayMetrics
 from app.patience import Patience
 from app.replicas import ReplicaHealth
 from app.upstream import ReplicaClient
-from workers.protocol import ProtocolError, encode_binary_request, parse_response
+from protocol.v2 import ProtocolError, encode_binary_request, parse_response
 
 
 @dataclass(frozen=True)

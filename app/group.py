@@ -32,6 +32,12 @@ class Group:
     hedge_url: str | None = None  # a replica hosting every member, for the hedged-request baseline
     hedge_quantile: float = 0.95
     manifest_sha256: str | None = None  # of the manifest's bytes: a replica must report the same (DESIGN §3)
+    version: str = "1"  # the OIP model version: the manifest's `model_version`, "1" when it names none
+
+    @property
+    def outputs(self) -> list[str]:
+        """The response's output names, in order: one per member, then `ensemble`."""
+        return [*self.members, "ensemble"]
 
     def decoder(self) -> Decoder:
         return Decoder(self.members, self.coded, self.coeffs, self.resolutions - 1)
@@ -39,11 +45,10 @@ class Group:
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "versions": [self.version],
             "platform": "coinserve",
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-            "outputs": [
-                {"name": m, "datatype": "FP32", "shape": [-1, self.classes]} for m in [*self.members, "ensemble"]
-            ],
+            "outputs": [{"name": m, "datatype": "FP32", "shape": [-1, self.classes]} for m in self.outputs],
             "parameters": {
                 "members": self.members,
                 "coded_replicas": [{"name": n, "row": r} for n, r in self.coded.items()],
@@ -88,4 +93,5 @@ def load_group(settings: GatewaySettings) -> Group:
         hedge_url=settings.hedge_replica.rstrip("/") if settings.hedge_replica else None,
         hedge_quantile=settings.hedge_quantile,
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        version=str(manifest.get("model_version", "1")),
     )

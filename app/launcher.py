@@ -98,8 +98,11 @@ def start(
     env: dict[str, str] | None = None,
     worker_env: dict[str, dict[str, str]] | None = None,
     log_dir: Path | None = None,
+    grpc_port: int = 0,
 ) -> Cluster:
-    """Start every process; returns without waiting for readiness (see `wait_ready`)."""
+    """Start every process; returns without waiting for readiness (see `wait_ready`). The gateway's
+    gRPC endpoint is off (`grpc_port` 0) unless a port is given: two clusters (tests, benchmarks)
+    must never both reach for the default 8001; `coinserve up` passes its `--grpc-port`."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = [m["name"] for m in manifest["members"]]
     names += [c["name"] for c in manifest.get("coded", []) if c.get("method") == coded_method]
@@ -120,6 +123,8 @@ def start(
             str(port),
             "--coded-method",
             coded_method,
+            "--grpc-port",
+            str(grpc_port),
             *replicas,
             *(gateway_args or []),
         ]

@@ -109,7 +109,7 @@ class Lifecycle:
         data = orjson.dumps(response_body(update, self.gw.group, request_id))
         owned.seq = update.seq
         owned.events.append(update.event)
-        await owned.log.append(Event(update.seq, update.event, update.status, data))
+        await owned.log.append(Event(update.seq, update.event, update.status, data, update))
 
     def _record(self, endpoint: str, update: Update, owned: Owned, options: Options, arrival: float) -> None:
         """Metrics of a finished request: outcome, times, decoded members, approximate finals."""

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import disable_created_metrics
 
 from app.access import AccessLogMiddleware
@@ -22,9 +23,11 @@ from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.replicas import ReplicaHealth
 from app.routes import health, infer, requests
+from app.rpc import start_server
 from app.settings import GatewaySettings
 from app.state import Gateway
 from app.upstream import ReplicaClient
+from protocol.v2 import HEADER_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,12 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
         gateway.lag.observe = metrics.loop_lag.observe
         gateway.lag.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
+        grpc_server = await start_server(gateway, settings.host, settings.grpc_port) if settings.grpc_port else None
         try:
             yield {"gateway": gateway}
         finally:
+            if grpc_server is not None:  # its calls end like HTTP ones: their requests end their logs
+                await grpc_server.stop(settings.graceful_s)
             trimmer.cancel()
             await gateway.lag.stop()
             await health_checks.stop()
@@ -60,7 +66,26 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
     app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
     _routes(app)
     app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
+    _cors(app, settings.cors_origins)
     return app
+
+
+def _cors(app: FastAPI, origins_text: str) -> None:
+    """Pages on the configured origins may POST and open EventSources (DESIGN §3); outermost, so
+    refusals (401, 429, 503) carry the headers too and a browser can read them. `*` never goes
+    with credentials: a page from anywhere then gets no cookies or auth sent on its behalf."""
+    origins = [o.strip().rstrip("/") for o in origins_text.split(",") if o.strip()]
+    if not origins:
+        return  # the default: no CORS headers, nothing added to the hot path
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_credentials="*" not in origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", HEADER_LENGTH],
+        expose_headers=["X-Request-ID", "Retry-After", HEADER_LENGTH],
+        max_age=600,
+    )
 
 
 def _routes(app: FastAPI) -> None:

@@ -48,7 +48,13 @@ class GatewaySettings(BaseSettings):
     max_open_streams: int = Field(256, ge=1, description="open event streams before 503 + Retry-After")
     max_deadline_ms: float = Field(60_000, gt=0, description="largest deadline_ms a client may ask for")
     overload_lag_ms: float = Field(
-        5.0, gt=0, description="refuse new requests (503 + Retry-After) while the event loop is this far behind"
+        5.0,
+        gt=0,
+        description="refuse a request with a deadline (503 + Retry-After) while the event loop is this far "
+        "behind, or overload_lag_fraction of its deadline if that is more",
+    )
+    overload_lag_fraction: float = Field(
+        1 / 60, ge=0, description="the loop lag tolerated per unit of deadline (5 ms at 300 ms: docs/serving.md)"
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="bound on a request with no deadline_ms")
     connect_timeout_s: float = Field(1.0, gt=0)
@@ -67,6 +73,12 @@ class GatewaySettings(BaseSettings):
     worker_secret: SecretStr | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")
     worker_secret_file: Path | None = Field(None, description="read worker_secret from this file")
     graceful_s: float = Field(65.0, gt=0, description="drain time on SIGTERM, larger than max_deadline_ms")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="port of the OIP v2 gRPC endpoint (GRPCInferenceService); 0: off"
+    )
+    cors_origins: str = Field(
+        "", description="comma-separated origins whose pages may call the gateway (CORS); empty: none"
+    )
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> GatewaySettings:

@@ -9,7 +9,7 @@ import orjson
 from app.eventlog import Event
 from app.fanout import Update, response_parameters
 from app.group import Group
-from workers.protocol import output_tensor
+from protocol.v2 import output_tensor
 
 KEEPALIVE = b": keep-alive\n\n"
 RETRY_MS = 2000
@@ -23,6 +23,7 @@ def response_body(update: Update, group: Group, request_id: str | None) -> dict[
     outputs.append(output_tensor("ensemble", update.ensemble()))
     body: dict[str, Any] = {
         "model_name": group.name,
+        "model_version": group.version,
         "outputs": outputs,
         "parameters": response_parameters(update, group),
     }

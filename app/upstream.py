@@ -23,7 +23,7 @@ import orjson
 
 from app.errors import ReplicaError
 from app.settings import GatewaySettings
-from workers.protocol import HEADER_LENGTH
+from protocol.v2 import HEADER_LENGTH
 
 
 @dataclass(frozen=True)

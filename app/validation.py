@@ -11,7 +11,7 @@ from app.errors import BadRequestError
 from app.fanout import Options
 from app.group import Group
 from app.settings import GatewaySettings
-from workers.protocol import ProtocolError, parse_request
+from protocol.v2 import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer
 
 PARAMETERS = ("deadline_ms", "min_resolution", "stop_margin", "members")
 
@@ -50,9 +50,31 @@ def options_from(parameters: dict[str, Any], group: Group, settings: GatewaySett
     return Options(deadline, min_resolution, margin, members, stream)
 
 
-def parse(body: bytes, group: Group, settings: GatewaySettings, stream: bool) -> tuple[np.ndarray, Options, str | None]:
+def header_length(value: str | None) -> int | None:
+    """The `Inference-Header-Content-Length` header of the binary tensor extension, or None."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 12):
+        raise BadRequestError(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_request(
+    body: bytes, length: int | None, group: Group, settings: GatewaySettings, stream: bool
+) -> tuple[InferRequest, Options]:
+    """The request as the surfaces need it: the parsed tensors and outputs asked for, and its Options."""
     try:
-        images, parameters, request_id = parse_request(body, None, settings.max_batch, PARAMETERS)
+        parsed = parse_infer(body, length, settings.max_batch, PARAMETERS, group.outputs)
     except ProtocolError as exc:
         raise BadRequestError(str(exc)) from exc
-    return images, options_from(parameters, group, settings, stream), request_id
+    options = options_from(parsed.parameters, group, settings, stream)
+    if options.members is not None and parsed.outputs is not None:
+        absent = [o.name for o in parsed.outputs if o.name != "ensemble" and o.name not in options.members]
+        if absent:
+            raise BadRequestError(f"outputs {absent} are not among parameters.members {options.members}")
+    return parsed, options
+
+
+def parse(body: bytes, group: Group, settings: GatewaySettings, stream: bool) -> tuple[np.ndarray, Options, str | None]:
+    parsed, options = parse_request(body, None, group, settings, stream)
+    return parsed.images, options, parsed.request_id

@@ -52,15 +52,37 @@ def json_body(images: np.ndarray, parameters: dict[str, Any] | None = None) -> b
     return orjson.dumps(body)
 
 
-async def send_one(session: aiohttp.ClientSession, url: str, body: bytes, sse: bool, t0: float) -> Sample:
+def binary_body(images: np.ndarray, parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """The same request with the binary tensor extension both ways (→ body, headers), as Triton's
+    client sends it: the JSON header, then the raw float32 images; outputs asked for binary."""
+    data = np.ascontiguousarray(images, dtype="<f4").tobytes()
+    tensor = {
+        "name": "input",
+        "shape": list(images.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": len(data)},
+    }
+    head = orjson.dumps({"inputs": [tensor], "parameters": {**(parameters or {}), "binary_data_output": True}})
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+    return head + data, headers
+
+
+Body = bytes | tuple[bytes, dict[str, str]]  # a JSON body, or a body with its own headers (binary)
+
+
+async def send_one(session: aiohttp.ClientSession, url: str, body: Body, sse: bool, t0: float) -> Sample:
     start = time.perf_counter()
     headers = {"Content-Type": "application/json", **({"Accept": "text/event-stream"} if sse else {})}
+    if isinstance(body, tuple):
+        body, extra = body
+        headers = {**headers, **extra}
     try:
         async with session.post(url, data=body, headers=headers) as response:
             if not sse:
                 data = await response.read()
                 ms = (time.perf_counter() - start) * 1000
-                parsed = orjson.loads(data) if data else None
+                length = response.headers.get("Inference-Header-Content-Length")
+                parsed = orjson.loads(data[: int(length)] if length else data) if data else None
                 outcome = "final" if response.status == 200 else f"http_{response.status}"
                 return Sample(start - t0, ms, ms, response.status, outcome, parsed)
             if response.status != 200:  # refused or failed before the stream started: a JSON error
@@ -99,7 +121,7 @@ async def _read_sse(response: aiohttp.ClientResponse, start: float, t0: float) -
     return Sample(start - t0, ms, ms, response.status, "no_final")
 
 
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: float, sse: bool = False) -> Run:
+async def closed_loop(url: str, bodies: list[Body], concurrency: int, seconds: float, sse: bool = False) -> Run:
     """`concurrency` clients, each sending its next request as soon as the last one ends."""
     run = Run()
     connector = aiohttp.TCPConnector(limit=concurrency)

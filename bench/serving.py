@@ -15,7 +15,14 @@
    + 50 ms (p99) and + 100 ms (p99.9), refused ones (429/503) within 50 ms, none lost; the
    gateway's resident memory is sampled throughout. The per-request samples are written next to
    the JSON (`<json stem>_overload_raw.json.gz`).
+5. Binary (issue 14): the default bundle; JSON against the binary tensor extension (both ways, as
+   Triton's client sends it), in the same run, trials interleaved (order alternating): one image
+   per request, closed loop at concurrency 32 (gateway throughput: answered requests per second;
+   bodies encoded beforehand), and 64 images per request one after another, timed from numpy
+   images to numpy answers (the client's encoding and decoding count, as they do for a user).
 Every trial is printed as it ends; the machine and settings head the output.
+
+    python -m bench.serving --only binary --json docs/results/binary.json
 
     python -m bench.serving --only overload --json docs/results/overload.json
 """
@@ -34,13 +41,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
+import orjson
 
 from app import launcher
-from bench.loadgen import Run, closed_loop, json_body, open_loop, percentiles
+from bench.loadgen import Run, binary_body, closed_loop, json_body, open_loop, percentiles
 from models.data import load_split
 
-SECTIONS = ("overhead", "throughput", "deadline", "overload")
+SECTIONS = ("overhead", "throughput", "deadline", "overload", "binary")
 
 
 def machine() -> dict[str, Any]:
@@ -173,6 +182,106 @@ def throughput(bundle: Path, trials: int, seconds: float, concurrency: int = 32)
         "trials": rows,
         "median_req_per_s": float(np.median([r["req_per_s"] for r in rows])),
     }
+
+
+async def _numpy_round_trips(url: str, images: np.ndarray, kind: str, seconds: float) -> list[float]:
+    """Sequential requests timed from numpy images to numpy answers: the client's encoding and
+    decoding count (orjson for JSON, the fastest a Python client has), as they do for a user."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        times: list[float] = []
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            if kind == "json":
+                body, headers = json_body(images), {"Content-Type": "application/json"}
+            else:
+                body, headers = binary_body(images)
+            async with session.post(url, data=body, headers=headers) as response:
+                data = await response.read()
+                length = response.headers.get("Inference-Header-Content-Length")
+            if response.status != 200:
+                continue
+            if length is None:
+                answer = orjson.loads(data)
+                ensemble = np.asarray(answer["outputs"][-1]["data"], np.float32).reshape(answer["outputs"][-1]["shape"])
+            else:
+                head = orjson.loads(data[: int(length)])
+                size = sum(o["parameters"]["binary_data_size"] for o in head["outputs"][:-1])
+                ensemble = np.frombuffer(data, "<f4", offset=int(length) + size).reshape(head["outputs"][-1]["shape"])
+            assert ensemble.shape == (len(images), ensemble.shape[1])
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def parse_cost_us(images: np.ndarray, repeats: int = 30) -> dict[str, float]:
+    """The gateway's parser alone (protocol/v2.py `parse_infer`), JSON against binary, in this
+    process: the best of `repeats` timings in µs (the minimum is what contention cannot inflate)."""
+    from protocol.v2 import parse_infer
+
+    jbody = json_body(images)
+    bbody, headers = binary_body(images)
+    length = int(headers["Inference-Header-Content-Length"])
+    out = {}
+    for kind, body, size in (("json", jbody, None), ("binary", bbody, length)):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            parse_infer(body, size, 64, ("deadline_ms",))
+            best = min(best, time.perf_counter() - start)
+        out[f"{kind}_us"] = round(best * 1e6, 1)
+    return out
+
+
+def binary(bundle: Path, trials: int, seconds: float, concurrency: int = 32, batch: int = 64) -> dict[str, Any]:
+    parse = {f"batch{n}": parse_cost_us(load_split("test").images[:n]) for n in (1, batch)}
+    _log("binary parse cost", parse)
+    # No refusals for loop lag here: this section compares what the gateway gets through with each
+    # encoding, and on a shared 2-core host the lag guard would refuse instead (the refusals are
+    # the overload section's subject).
+    cluster = launcher.start(bundle, launcher.free_port(), env={"COINSERVE_OVERLOAD_LAG_MS": "100000"})
+    launcher.wait_ready(cluster)
+    try:
+        url = f"{cluster.children[-1].url}/v2/models/fashion/infer"
+        images = load_split("test").images
+        singles = {
+            "json": [json_body(images[i : i + 1]) for i in range(64)],
+            "binary": [binary_body(images[i : i + 1]) for i in range(64)],
+        }
+        for kind in ("json", "binary"):  # warm-up
+            asyncio.run(closed_loop(url, singles[kind], concurrency, 2.0))
+            asyncio.run(_numpy_round_trips(url, images[:batch], kind, 2.0))
+        rows: list[dict[str, Any]] = []
+        for trial in range(trials):
+            for kind in ("json", "binary") if trial % 2 == 0 else ("binary", "json"):
+                run = asyncio.run(closed_loop(url, singles[kind], concurrency, seconds))
+                times = asyncio.run(_numpy_round_trips(url, images[trial * batch : (trial + 1) * batch], kind, seconds))
+                p50, p99, _ = percentiles(times)
+                row = {
+                    "trial": trial,
+                    "kind": kind,
+                    "c32_ok_per_s": round(len(run.ok()) / run.seconds, 1),
+                    "c32_refused": len(run.samples) - len(run.ok()),
+                    "c32_p50_ms": round(percentiles([s.final_ms for s in run.ok()])[0], 2),
+                    "batch64_requests": len(times),
+                    "batch64_p50_ms": round(p50, 2),
+                    "batch64_p99_ms": round(p99, 2),
+                }
+                _log(f"binary trial {trial}", row)
+                rows.append(row)
+    finally:
+        cluster.stop()
+
+    def median(kind: str, key: str) -> float:
+        return float(np.median([r[key] for r in rows if r["kind"] == kind]))
+
+    out: dict[str, Any] = {"concurrency": concurrency, "batch": batch, "parse_cost": parse, "trials": rows}
+    for kind in ("json", "binary"):
+        out[f"{kind}_c32_ok_per_s"] = median(kind, "c32_ok_per_s")
+        out[f"{kind}_batch64_p50_ms"] = median(kind, "batch64_p50_ms")
+    out["c32_throughput_ratio"] = round(out["binary_c32_ok_per_s"] / out["json_c32_ok_per_s"], 3)
+    out["batch64_speedup"] = round(out["json_batch64_p50_ms"] / out["binary_batch64_p50_ms"], 3)
+    _log("binary", {k: v for k, v in out.items() if k != "trials"})
+    return out
 
 
 def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: float) -> dict[str, Any]:
@@ -349,6 +458,8 @@ def main() -> None:
     if "overload" in only:
         raw = args.json.with_name(args.json.stem + "_overload_raw.json.gz") if args.json else None
         report["overload"] = overload(args.bundle, 10.0 if args.quick else 60.0, raw=raw)
+    if "binary" in only:
+        report["binary"] = binary(args.bundle, 2 if args.quick else 10, 3.0 if args.quick else 4.0)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n")

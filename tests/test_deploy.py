@@ -176,3 +176,21 @@ def test_dockerfile_runs_as_non_root_and_bakes_the_bundle():
     assert "USER 10001:10001" in text
     assert "coinserve train --out /opt/coinserve/bundle" in text
     assert text.count("FROM ") == 2  # build and runtime stages
+
+
+@needs_kubectl
+def test_gateway_serves_grpc_on_8001_in_the_pod_the_service_and_the_image(rendered):
+    """Issue 14: the OIP v2 gRPC endpoint on Triton's and KServe's port, reachable through the
+    gateway Service and let in by its network policy, and exposed by the image."""
+    _, docs = rendered
+    gateway = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("gateway"))
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--grpc-port") + 1] == "8001"
+    assert {"name": "grpc", "containerPort": 8001} in container["ports"]
+    service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"].endswith("gateway"))
+    assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "appProtocol": "grpc"} in service["spec"]["ports"]
+    policies = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("gateway-ingress")]
+    assert {"port": "grpc"} in policies[0]["spec"]["ingress"][0]["ports"]
+    expose = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("EXPOSE"))
+    assert "8001" in expose.split()

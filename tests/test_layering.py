@@ -34,7 +34,13 @@ def test_workers_never_import_the_gateway(path):
     assert "app" not in _imports(path)
 
 
-@pytest.mark.parametrize("package", ["app", "models", "workers", "bench"])
+@pytest.mark.parametrize("path", sorted((ROOT / "protocol").glob("*.py")), ids=lambda p: p.name)
+def test_protocol_is_the_ground_floor(path):
+    """DESIGN §2: the codec imports no torch, no web framework, neither `app` nor `workers`."""
+    assert _imports(path) & (WEB | {"torch", "models"}) == set()
+
+
+@pytest.mark.parametrize("package", ["app", "models", "workers", "protocol", "bench"])
 def test_init_files_are_empty(package):
     assert (ROOT / package / "__init__.py").read_text() == ""
 

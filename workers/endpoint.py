@@ -15,9 +15,9 @@ import orjson
 import torch
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from protocol.v2 import HEADER_LENGTH, OUTPUT_NAME, ProtocolError, encode_response, parse_request
 from workers.batcher import Job, Result
 from workers.faults import Verdict
-from workers.protocol import HEADER_LENGTH, OUTPUT_NAME, ProtocolError, encode_response, parse_request
 from workers.server import PARAMETERS, SECRET_HEADER, Served, WorkerState
 
 _JSON = [(b"content-type", b"application/json")]

@@ -31,9 +31,9 @@ from models.bundle import MANIFEST, Bundle, open_bundle
 from models.errors import BundleError
 from models.refine import RefinementEngine
 from models.runtime import keep_freed_memory, use_all_cores
+from protocol.v2 import OUTPUT_NAME
 from workers.batcher import Batcher
 from workers.faults import FaultInjector
-from workers.protocol import OUTPUT_NAME
 from workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import GatewayDep, GroupDep
+from app.deps import GatewayDep, GroupDep, check_version
 
 router = APIRouter()
 
@@ -44,7 +44,7 @@ async def server_metadata() -> dict[str, Any]:
     return {
         "name": "coinserve",
         "version": "0.1.0",
-        "extensions": ["server_sent_events", "coded_replicas", "refinement"],
+        "extensions": ["binary_tensor_data", "server_sent_events", "coded_replicas", "refinement"],
     }
 
 
@@ -53,17 +53,32 @@ async def models(gw: GatewayDep) -> dict[str, Any]:
     return {"models": [{"name": gw.group.name, "members": gw.group.members, "coded_replicas": list(gw.group.coded)}]}
 
 
-@router.get("/v2/models/{group}")
-async def model_metadata(gw: GroupDep) -> dict[str, Any]:
+def _metadata(gw: GroupDep) -> dict[str, Any]:
     meta = gw.group.metadata()
     meta["parameters"]["replicas_ready"] = dict(gw.health.ready)
     return meta
 
 
+@router.get("/v2/models/{group}")
+async def model_metadata(gw: GroupDep) -> dict[str, Any]:
+    return _metadata(gw)
+
+
+@router.get("/v2/models/{group}/versions/{version}")
+async def model_version_metadata(version: str, gw: GroupDep) -> dict[str, Any]:
+    check_version(gw, version)
+    return _metadata(gw)
+
+
 @router.get("/v2/models/{group}/ready")
 async def model_ready(gw: GroupDep) -> JSONResponse:
-    response = _readiness(gw)
-    return response
+    return _readiness(gw)
+
+
+@router.get("/v2/models/{group}/versions/{version}/ready")
+async def model_version_ready(version: str, gw: GroupDep) -> JSONResponse:
+    check_version(gw, version)
+    return _readiness(gw)
 
 
 @router.get("/metrics")

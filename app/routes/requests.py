@@ -17,9 +17,10 @@ from app.admission import admit_request, admit_stream, check_deadline
 from app.deps import AuthorisedDep, GatewayDep, arrival_of
 from app.errors import BadRequestError, NotFoundError, TooManyRequestsError
 from app.lifecycle import Admitted
+from app.responses import is_default
 from app.routes.infer import AdmittedStream, sse_events
-from app.validation import parse
-from workers.protocol import InferRequestModel
+from app.validation import parse_request
+from protocol.v2 import InferRequestModel
 
 router = APIRouter()
 
@@ -38,7 +39,10 @@ async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
     arrival = arrival_of(request)
     slot = admit_request(gw)  # held until the request's terminal event, not just while parsing
     try:
-        images, options, given_id = parse(await request.body(), gw.group, gw.settings, stream=True)
+        parsed, options = parse_request(await request.body(), None, gw.group, gw.settings, stream=True)
+        if not is_default(parsed):
+            raise BadRequestError("outputs and binary_data_output belong to /v2/.../infer; /v1 streams every output")
+        images, given_id = parsed.images, parsed.request_id
         check_deadline(gw, options.deadline_ms, options.members, arrival)
         request_id = given_id or uuid.uuid4().hex
         if await gw.store.get(request_id) is not None:

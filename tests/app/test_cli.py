@@ -28,3 +28,24 @@ def test_unknown_subcommand_exits_with_usage(capsys):
         main(["fly"])
     assert exc.value.code == 2
     assert "invalid choice: 'fly'" in capsys.readouterr().err
+
+
+def test_up_serves_grpc_on_8001_unless_told(monkeypatch):
+    assert build_parser().parse_args(["up"]).grpc_port == 8001
+    assert build_parser().parse_args(["up", "--grpc-port", "0"]).grpc_port == 0
+    monkeypatch.setenv("COINSERVE_GRPC_PORT", "9101")
+    assert build_parser().parse_args(["up"]).grpc_port == 9101
+
+
+def test_clusters_started_by_the_launcher_leave_8001_alone(monkeypatch, tmp_path):
+    """Tests and benchmarks start many clusters: none reaches for the default gRPC port."""
+    import json
+
+    from app import launcher
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"members": [], "coded": []}))
+    started = []
+    monkeypatch.setattr(launcher, "spawn", lambda name, port, args, env, log_dir=None: started.append(args))
+    launcher.start(tmp_path, 9000)
+    launcher.start(tmp_path, 9002, grpc_port=9003)
+    assert [a[a.index("--grpc-port") + 1] for a in started] == ["0", "9003"]

@@ -49,6 +49,7 @@ def with_plan(bundle: Path, planes: list[int], tmp_path: Path) -> Path:
 class Running:
     cluster: launcher.Cluster
     port: int
+    grpc_port: int = 0
 
     @property
     def url(self) -> str:
@@ -74,10 +75,13 @@ def running(
     worker_args: dict[str, list[str]] | None = None,
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
+    grpc: bool = False,
 ) -> Iterator[Running]:
     """The bundle's members, its COIN coded replica and a gateway, started and ready; `env` goes to
-    every process, `worker_env`/`worker_args` to the named workers; `log_dir` collects their output."""
+    every process, `worker_env`/`worker_args` to the named workers; `log_dir` collects their output;
+    `grpc` gives the gateway a gRPC port of its own."""
     port = launcher.free_port()
+    grpc_port = launcher.free_port() if grpc else 0
     cluster = launcher.start(
         bundle,
         port,
@@ -86,10 +90,11 @@ def running(
         worker_args=worker_args,
         env=env,
         log_dir=log_dir,
+        grpc_port=grpc_port,
     )
     try:
         launcher.wait_ready(cluster, timeout_s=90)
-        yield Running(cluster, port)
+        yield Running(cluster, port, grpc_port)
     finally:
         for child in cluster.children:  # a test may leave a worker paused
             if child.process.poll() is None:
@@ -164,3 +169,42 @@ def stream_in_background(url: str, body: dict) -> BackgroundStream:
     stream = BackgroundStream(threading.Thread(target=read), events, coarse)
     stream.thread.start()
     return stream
+
+
+@dataclass
+class Public:
+    """A service as outside clients see it: gRPC on, and pages from `allowed_origin` (not from
+    `refused_origin`) may call it from a browser (COINSERVE_CORS_ORIGINS)."""
+
+    service: Running
+    allowed_port: int
+    refused_port: int
+
+    @property
+    def allowed_origin(self) -> str:
+        return f"http://127.0.0.1:{self.allowed_port}"
+
+    @property
+    def refused_origin(self) -> str:
+        return f"http://127.0.0.1:{self.refused_port}"
+
+
+@pytest.fixture(scope="session")
+def public(coded_bundle: Path) -> Iterator[Public]:
+    """One cluster for every third-party-client test (Triton's HTTP and gRPC clients, Chromium, the
+    README's examples): each extra cluster costs ~10 s to start."""
+    allowed, refused = launcher.free_port(), launcher.free_port()
+    env = {
+        "COINSERVE_CORS_ORIGINS": f"http://127.0.0.1:{allowed},http://localhost:{allowed}",
+        # these tests are about the protocols, not overload: no 503 because a shared host runs late
+        "COINSERVE_OVERLOAD_LAG_MS": "1000",
+    }
+    with running(coded_bundle, env=env, grpc=True) as service:
+        yield Public(service, allowed, refused)
+
+
+def images_of(n: int = 1, seed: int = 0) -> np.ndarray:
+    """The first `n` test images from `seed`, (n, 1, 28, 28) float32: what `request_body` sends."""
+    from models.data import load_split
+
+    return np.ascontiguousarray(load_split("test").images[seed : seed + n], dtype=np.float32).reshape(n, 1, 28, 28)

@@ -27,7 +27,7 @@ SLOW_STEPS = {"COINSERVE_WORKER_FAULT_STEP_DELAY_MS": "3000"}
 @pytest.fixture(scope="module")
 def slow(coded_bundle: Path) -> Iterator[Running]:
     env = {**SLOW_STEPS, "COINSERVE_MAX_CONCURRENT_REQUESTS": "4"}
-    with running(coded_bundle, env=env) as service:
+    with running(coded_bundle, env=env, grpc=True) as service:
         _warm(service)
         yield service
 
@@ -123,3 +123,32 @@ def test_detached_requests_hold_their_admission_slot_until_they_end(slow):
     for r in created:  # they still end, each with exactly one terminal event
         events = parse_sse(httpx.get(slow.url + r.json()["events_url"], timeout=20).text)
         assert [e["event"] for e in events].count("final") == 1 and events[-1]["event"] == "final"
+
+
+def test_grpc_deadline_ends_the_call_in_time(slow):
+    """1. Call ModelInfer through Triton's gRPC client with a gRPC deadline of 300 ms (no deadline_ms).
+    Result: the call ends within 300 + 50 ms, with the approximate coarse answer (the gateway
+    answers just before the client's deadline) or, at worst, DEADLINE_EXCEEDED; never later."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from tests.integration.conftest import images_of
+
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{slow.grpc_port}")
+    try:
+        assert client.is_server_ready()  # connected before the clock starts
+        tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(images_of(1))
+        for _ in range(3):
+            start = time.perf_counter()
+            try:
+                result = client.infer("fashion", [tensor], client_timeout=DEADLINE_MS / 1000)
+                approximate = result.get_response().parameters["approximate"].bool_param
+                assert approximate and np.isfinite(result.as_numpy("ensemble")).all()
+            except InferenceServerException as exc:
+                assert exc.status() == "StatusCode.DEADLINE_EXCEEDED", exc
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            assert elapsed_ms <= DEADLINE_MS + SLACK_MS, elapsed_ms
+    finally:
+        client.close()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import schemathesis
@@ -133,7 +134,8 @@ def mutate(**changes: object) -> bytes:
         (mutate(parameters={"deadline_ms": True}), "deadline_ms"),
         (mutate(parameters={"deadline_ms": -5}), "deadline_ms"),
         (mutate(parameters={"stop_margin": "high"}), "stop_margin"),
-        (mutate(parameters={"priority": 1}), "unknown parameters"),
+        (mutate(parameters={"temperature": 1}), "unknown parameters: ['temperature']"),
+        (mutate(parameters={"binary_data_output": "yes"}), "binary_data_output"),
         (mutate(parameters={"members": ["member-9"]}), "members"),
         (orjson.dumps({**request_body(1), "extra": 1}), "unknown request fields"),
     ],
@@ -141,6 +143,49 @@ def mutate(**changes: object) -> bytes:
 def test_wrong_shapes_types_and_values_name_the_problem(fuzzed, body, field):
     response = post(fuzzed, body)
     assert response.status_code == 400
+    assert field.lower() in response.json()["error"].lower()
+
+
+def binary(n: int = 1, size: object = None, pad: int = 0, values: float = 0.5) -> tuple[bytes, int]:
+    """A binary-extension request for `n` images (→ body, header length); `size` overrides the
+    declared binary_data_size and `pad` adds (or, negative, removes) bytes after the header."""
+    data = np.full((n, 1, 28, 28), values, "<f4").tobytes()
+    declared = len(data) if size is None else size
+    tensor = {
+        "name": "input",
+        "shape": [n, 1, 28, 28],
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": declared},
+    }
+    head = orjson.dumps({"inputs": [tensor]})
+    data = data + b"\0" * pad if pad >= 0 else data[:pad]
+    return head + data, len(head)
+
+
+@pytest.mark.parametrize(
+    "length, body, field",
+    [
+        ("99999", binary()[0], "does not fit"),
+        ("0", binary()[0], "does not fit"),
+        ("-3", binary()[0], "non-negative integer"),
+        ("ten", binary()[0], "non-negative integer"),
+        (str(binary()[1] - 5), binary()[0], "JSON"),
+        (str(binary(pad=4)[1]), binary(pad=4)[0], "needs 3136"),
+        (str(binary(pad=-1)[1]), binary(pad=-1)[0], "needs 3136"),
+        (str(binary(size=12)[1]), binary(size=12)[0], "binary_data_size"),
+        (str(binary(size="x")[1]), binary(size="x")[0], "binary_data_size"),
+        (str(binary(values=float("nan"))[1]), binary(values=float("nan"))[0], "finite"),
+        (None, binary()[0][: binary()[1]], "Inference-Header-Content-Length"),
+    ],
+    ids=["beyond", "zero", "negative", "text", "mid-json", "extra", "short", "size", "size-type", "nan", "no-header"],
+)
+def test_broken_binary_requests_name_the_problem(fuzzed, length, body, field):
+    headers = {
+        "Content-Type": "application/octet-stream",
+        **({"Inference-Header-Content-Length": length} if length else {}),
+    }
+    response = post(fuzzed, body, headers)
+    assert response.status_code == 400, response.text
     assert field.lower() in response.json()["error"].lower()
 
 
@@ -171,6 +216,8 @@ def hostile_pass(fuzzed: Running) -> None:
     for _ in range(25):
         for body in bodies:
             assert post(fuzzed, body).status_code < 500
+        body, length = binary(4)
+        assert post(fuzzed, body, {"Inference-Header-Content-Length": str(length)}).status_code < 500
 
 
 def test_processes_survive_and_memory_stays_flat(fuzzed):

@@ -94,7 +94,7 @@ def mixed(coded_bundle: Path, other_bundle: Path) -> Iterator[Mixed]:
             cluster.children.append(_worker(name, other_bundle if name == STRANGER else coded_bundle, env))
         port = launcher.free_port()
         replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.url}")]
-        gateway = ["gateway", "--bundle", str(coded_bundle), "--port", str(port), *replicas]
+        gateway = ["gateway", "--bundle", str(coded_bundle), "--port", str(port), "--grpc-port", "0", *replicas]
         cluster.children.append(launcher.spawn("gateway", port, gateway, {**env, **FAST_HEALTH}))
         launcher.wait_ready(launcher.Cluster(cluster.children[:-1]), timeout_s=60)  # the workers
         ours, theirs = _sha256(coded_bundle), _sha256(other_bundle)

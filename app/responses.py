@@ -1,0 +1,60 @@
+"""A request's answer as its client asked for it (DESIGN §3): the outputs it named, in its order,
+as JSON or with the binary tensor extension. Pure functions over log events, no I/O.
+
+The log holds each event's default rendering (every output, JSON). A request that asks for the
+default gets those bytes as they are; any other rendering starts from the event's `Update` when
+the log is in this process, or from its JSON when the log came from a shared store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from app.eventlog import Event
+from app.fanout import response_parameters
+from app.group import Group
+from protocol.v2 import HEADER_LENGTH, InferRequest, encode_outputs
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+
+
+def is_default(request: InferRequest) -> bool:
+    return request.outputs is None and not request.binary_output
+
+
+def parts(event: Event, group: Group, request_id: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A non-error event as (response header without outputs, output name → values (B, C) float32)."""
+    update = event.update
+    if update is None:
+        body = orjson.loads(event.data)
+        tensors = {o["name"]: np.asarray(o["data"], dtype=np.float32).reshape(o["shape"]) for o in body.pop("outputs")}
+        return body, tensors
+    tensors = {m: np.asarray(update.answers[m].probs, dtype=np.float32) for m in update.members}
+    tensors["ensemble"] = np.asarray(update.ensemble(), dtype=np.float32)
+    header: dict[str, Any] = {
+        "model_name": group.name,
+        "model_version": group.version,
+        "parameters": response_parameters(update, group),
+    }
+    if request_id is not None:
+        header["id"] = request_id
+    return header, tensors
+
+
+def render(event: Event, request: InferRequest, group: Group) -> tuple[bytes, str, dict[str, str]]:
+    """→ (body, content type, extra headers) of one event for this request."""
+    if event.name == "error" or is_default(request):
+        return event.data, JSON, {}
+    header, tensors = parts(event, group, request.request_id)
+    if request.outputs is None:
+        chosen = [(name, values, request.binary_output) for name, values in tensors.items()]
+    else:
+        chosen = [(o.name, tensors[o.name], o.binary) for o in request.outputs if o.name in tensors]
+    body, length = encode_outputs(header, chosen)
+    if length is None:
+        return body, JSON, {}
+    return body, BINARY, {HEADER_LENGTH: str(length)}

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from protocol.v2 import (
+    ProtocolError,
+    RequestedOutput,
+    encode_binary_request,
+    encode_outputs,
+    encode_response,
+    parse_infer,
+    parse_request,
+    parse_response,
+)
+
+
+def _json(shape: list[int], data: list, **extra) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}], **extra})
+
+
+@pytest.mark.parametrize("shape", [[2, 1, 28, 28], [2, 28, 28], [2, 784]])
+def test_every_accepted_shape_becomes_images(shape):
+    images, params, rid = parse_request(_json(shape, [0.5] * 1568, id="x"), None, 64, ())
+    assert images.shape == (2, 1, 28, 28) and images.dtype == np.float32 and rid == "x" and params == {}
+
+
+def test_binary_extension_round_trips():
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    body, length = encode_binary_request(x, {"stream": True}, "rid")
+    images, params, rid = parse_request(body, length, 64, ("stream",))
+    assert np.array_equal(images, x) and params == {"stream": True} and rid == "rid"
+
+
+def test_nested_data_is_accepted():
+    nested = [[0.1] * 784]
+    images, _, _ = parse_request(_json([1, 784], nested), None, 64, ())
+    assert images.shape == (1, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[1, 2]", "must be a JSON object"),
+        (b'{"inputs": [], "extra": 1}', "unknown request fields"),
+        (_json([1, 784], ["a"] * 784), "only numbers"),
+        (_json([1, 784], [True] * 784), "only numbers"),
+        (_json([65, 784], [0] * 65 * 784), "batch size must be between 1 and 64"),
+        (_json([0, 784], []), "batch size must be between 1 and 64"),
+        (_json([1, 784], [1e39] * 784), "finite"),
+        (_json([1, 784], [[1, 2], [3]]), "ragged"),
+        (_json([1, -784], []), "non-negative integers"),
+        (_json([1, 784], [0] * 784, parameters={"x": 1}), "unknown parameters: ['x']"),
+        (_json([1, 784], [0] * 784, id=5), "id must be a string"),
+    ],
+)
+def test_malformed_requests_name_the_problem(body, message):
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_request(body, None, 64, ())
+
+
+def test_binary_size_must_match_the_shape():
+    body, length = encode_binary_request(np.zeros((1, 1, 28, 28), np.float32), {})
+    with pytest.raises(ProtocolError, match="needs 3136"):
+        parse_request(body[:-4], length, 64, ())
+
+
+def test_header_length_beyond_the_body_is_refused():
+    with pytest.raises(ProtocolError, match="does not fit"):
+        parse_request(b"{}", 10, 64, ())
+
+
+def test_response_round_trip_and_garbage_refusal():
+    probs = np.full((2, 10), 0.1)
+    body = encode_response("m", probs, {"resolution": 1})
+    parsed, params = parse_response(body, 10, 2)
+    np.testing.assert_allclose(parsed, probs, rtol=1e-6) and None
+    assert params == {"resolution": 1}
+    with pytest.raises(ProtocolError, match="shape"):
+        parse_response(body, 10, 3)
+    with pytest.raises(ProtocolError, match="negative"):
+        parse_response(encode_response("m", -probs, {}), 10, 2)
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        parse_response(body[:20], 10, 2)
+
+
+def _binary_header(n: int = 1, **extra) -> tuple[bytes, int]:
+    data = np.zeros((n, 1, 28, 28), "<f4").tobytes()
+    tensor = {
+        "name": "input",
+        "shape": [n, 1, 28, 28],
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": len(data)},
+    }
+    head = orjson.dumps({"inputs": [tensor], **extra})
+    return head + data, len(head)
+
+
+def test_triton_parameters_are_understood_or_knowingly_ignored():
+    body = _json(
+        [1, 784],
+        [0.0] * 784,
+        parameters={"binary_data_output": True, "priority": 1, "timeout": 10, "sequence_id": 3, "deadline_ms": 5},
+    )
+    parsed = parse_infer(body, None, 64, ("deadline_ms",))
+    assert parsed.binary_output is True and parsed.outputs is None and parsed.parameters == {"deadline_ms": 5}
+
+
+def test_an_undefined_parameter_is_named():
+    with pytest.raises(ProtocolError, match=r"unknown parameters: \['temperature'\]"):
+        parse_infer(_json([1, 784], [0.0] * 784, parameters={"temperature": 1}), None, 64, ())
+
+
+def test_requested_outputs_keep_their_order_and_binary_flags():
+    outputs = [{"name": "b", "parameters": {"binary_data": True}}, {"name": "a"}]
+    parsed = parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), ["a", "b"])
+    assert parsed.outputs == [RequestedOutput("b", True), RequestedOutput("a", False)]
+
+
+@pytest.mark.parametrize(
+    ("outputs", "match"),
+    [
+        ([{"name": "logits"}], r"unknown output 'logits'; outputs are \['a', 'b'\]"),
+        ([{"name": "a"}, {"name": "a"}], "asked for twice"),
+        ([{"name": "a", "parameters": {"classification": 3}}], "classification extension is not supported"),
+        ([{"name": "a", "parameters": {"binary_data": "yes"}}], "binary_data must be true or false"),
+        ([{"name": "a", "parameters": {"colour": 1}}], "unknown parameter 'colour'"),
+    ],
+)
+def test_bad_requested_outputs_are_named(outputs, match):
+    with pytest.raises(ProtocolError, match=match):
+        parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), ["a", "b"])
+
+
+def test_binary_input_checks_its_declared_size_and_header():
+    body, length = _binary_header()
+    assert parse_infer(body, length, 64, ()).images.shape == (1, 1, 28, 28)
+    with pytest.raises(ProtocolError, match="needs the Inference-Header-Content-Length header"):
+        parse_infer(body[:length], None, 64, ())
+    shm = orjson.dumps(
+        {"inputs": [{"name": "i", "shape": [1, 784], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}
+    )
+    with pytest.raises(ProtocolError, match="shared memory is not supported"):
+        parse_infer(shm, None, 64, ())
+
+
+def test_binary_outputs_follow_the_json_header():
+    a, b = np.arange(4, dtype=np.float32).reshape(2, 2), np.ones((2, 2), np.float32)
+    body, length = encode_outputs({"model_name": "m"}, [("a", a, True), ("b", b, False)])
+    assert length is not None
+    head = orjson.loads(body[:length])
+    assert head["outputs"][0] == {
+        "name": "a",
+        "datatype": "FP32",
+        "shape": [2, 2],
+        "parameters": {"binary_data_size": 16},
+    }
+    assert head["outputs"][1]["data"] == [1.0] * 4
+    assert np.array_equal(np.frombuffer(body[length:], "<f4").reshape(2, 2), a)
+    assert encode_outputs({"model_name": "m"}, [("b", b, False)])[1] is None
