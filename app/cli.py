@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 DEFAULT_BUNDLE = Path("bundles/default")
+DEFAULT_CODED_METHOD = "average-distill"  # chosen on validation by eval-coding (docs/results/coding.json)
 BUNDLE_ENV = "COINSERVE_BUNDLE"
 
 
@@ -114,7 +115,12 @@ def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("code", help="add coded models (COIN, another merge, or a baseline) to a bundle")
     p.add_argument("--bundle", type=Path, default=default_bundle())
     p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
-    p.add_argument("--method", choices=methods, default="coin", help="how the coded model is built (default coin)")
+    p.add_argument(
+        "--method",
+        choices=methods,
+        default=DEFAULT_CODED_METHOD,
+        help=f"how the coded model is built (default {DEFAULT_CODED_METHOD}, the validation winner: docs/coin.md)",
+    )
     p.add_argument(
         "--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin*)"
     )
@@ -293,16 +299,18 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _ensure_bundle(bundle: Path, coded_method: str) -> None:
+def _ensure_bundle(bundle: Path, coded_method: str | None) -> None:
     """Train the default bundle and its coded model when they are missing (progress is printed)."""
     from models.bundle import MANIFEST, open_bundle
 
     if not (bundle / MANIFEST).is_file():
         print(f"no bundle at {bundle}: training the default one (about 2 minutes on 2 cores)")
         _cmd_train(build_parser().parse_args(["train", "--out", str(bundle)]))
-    if not any(e.get("method") == coded_method for e in open_bundle(bundle, verify=False).coded):
-        print(f"bundle {bundle} has no {coded_method} coded model: building it")
-        _cmd_code(build_parser().parse_args(["code", "--bundle", str(bundle), "--method", coded_method]))
+    coded = open_bundle(bundle, verify=False).coded
+    method = coded_method or (None if coded else DEFAULT_CODED_METHOD)
+    if method is not None and method != "none" and not any(e.get("method") == method for e in coded):
+        print(f"bundle {bundle} has no {method} coded model: building it")
+        _cmd_code(build_parser().parse_args(["code", "--bundle", str(bundle), "--method", method]))
 
 
 def _example_request(bundle: Path) -> Path:
@@ -364,7 +372,12 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=int(os.environ.get("COINSERVE_GRPC_PORT", "8001")),
         help="gateway gRPC port (default 8001, or COINSERVE_GRPC_PORT; 0: off)",
     )
-    p.add_argument("--coded-method", default="coin", choices=("coin", "average", "parity"))
+    p.add_argument(
+        "--coded-method",
+        default=None,
+        help="which coded models serve (default: the bundle's; a bundle without any gets "
+        f"{DEFAULT_CODED_METHOD}); 'none': no coding",
+    )
     p.set_defaults(func=_cmd_up)
 
 

@@ -59,6 +59,21 @@ class Group:
         }
 
 
+def served_coded_method(manifest: dict[str, Any], requested: str | None) -> str:
+    """Which coded models of the bundle protect the members: the one asked for, else the bundle's
+    own (the only method it has coded models of; 'none' when it has none)."""
+    if requested is not None:
+        return requested
+    methods = sorted({str(e.get("method")) for e in manifest.get("coded", [])})
+    if not methods:
+        return "none"
+    if len(methods) > 1:
+        raise GroupConfigError(
+            f"the bundle has coded models of several methods {methods}: choose one with --coded-method"
+        )
+    return methods[0]
+
+
 def load_group(settings: GatewaySettings) -> Group:
     path = Path(settings.bundle) / "manifest.json"
     try:
@@ -68,7 +83,12 @@ def load_group(settings: GatewaySettings) -> Group:
         raise GroupConfigError(f"cannot read the bundle manifest {path}: {exc}") from exc
     members = [m["name"] for m in manifest["members"]]
     coded_entries = sorted(
-        (e for e in manifest.get("coded", []) if e.get("method") == settings.coded_method), key=lambda e: e["row"]
+        (
+            e
+            for e in manifest.get("coded", [])
+            if e.get("method") == served_coded_method(manifest, settings.coded_method)
+        ),
+        key=lambda e: e["row"],
     )
     coded = {e["name"]: int(e["row"]) for e in coded_entries if e["name"] in settings.replicas}
     coeffs = np.array([e["coefficients"] for e in coded_entries]) if coded_entries else None

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from app.group import served_coded_method
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ def respawn(child: Child) -> Child:
 def start(
     bundle: Path,
     port: int,
-    coded_method: str = "coin",
+    coded_method: str | None = None,
     worker_args: dict[str, list[str]] | None = None,
     gateway_args: list[str] | None = None,
     env: dict[str, str] | None = None,
@@ -105,6 +107,7 @@ def start(
     must never both reach for the default 8001; `coinserve up` passes its `--grpc-port`."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = [m["name"] for m in manifest["members"]]
+    coded_method = served_coded_method(manifest, coded_method)
     names += [c["name"] for c in manifest.get("coded", []) if c.get("method") == coded_method]
     env = {**os.environ, **(env or {})}
     cluster = Cluster()

@@ -19,8 +19,10 @@ class GatewaySettings(BaseSettings):
     group: str = Field("fashion", description="the model group's name in /v2/models/{group}")
     bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
     replicas: dict[str, str] = Field(default_factory=dict, description="model name → base URL of its replica")
-    coded_method: str = Field(
-        "coin", description="which coded models of the bundle protect the members ('none': no coding)"
+    coded_method: str | None = Field(
+        None,
+        description="which coded models of the bundle protect the members (default: the method the bundle has "
+        "coded models of; 'none': no coding)",
     )
     decode_policy: Literal["patient", "eager"] = Field(
         "patient",

@@ -96,7 +96,7 @@ def test_gateway_finds_every_replica_by_service_name(rendered):
     )
     replicas = json.loads(gateway_config["data"]["COINSERVE_REPLICAS"])
     services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
-    assert set(replicas) == {"member-0", "member-1", "member-2", "member-3", "coded-coin-0"}
+    assert set(replicas) == {"member-0", "member-1", "member-2", "member-3", "coded-average-distill-0"}
     for name, url in replicas.items():
         assert url == f"http://worker-{name}:8080" and f"worker-{name}" in services
     served = {}
