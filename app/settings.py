@@ -50,13 +50,19 @@ class GatewaySettings(BaseSettings):
     max_open_streams: int = Field(256, ge=1, description="open event streams before 503 + Retry-After")
     max_deadline_ms: float = Field(60_000, gt=0, description="largest deadline_ms a client may ask for")
     overload_lag_ms: float = Field(
-        25.0,
+        5.0,
         gt=0,
         description="refuse a request with a deadline (503 + Retry-After) while the event loop is this far "
         "behind, or overload_lag_fraction of its deadline if that is more",
     )
     overload_lag_fraction: float = Field(
-        1 / 30, ge=0, description="the loop lag tolerated per unit of deadline (33 ms at 1 s: docs/serving.md)"
+        1 / 60, ge=0, description="the loop lag tolerated per unit of deadline (5 ms at 300 ms: docs/serving.md)"
+    )
+    overload_min_inflight: int = Field(
+        32,
+        ge=0,
+        description="the lag guard refuses only while at least this many requests are in flight: a loop behind "
+        "with fewer is slowed by something else (another process on its cores), and refusing cures nothing",
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="bound on a request with no deadline_ms")
     connect_timeout_s: float = Field(1.0, gt=0)
