@@ -15,7 +15,7 @@ test:
 	./dev.sh test
 run:
 	./dev.sh up
-bench:  # the tail-latency sweep: docs/results/tail.{json,md} and plots (about 15 minutes)
+bench:  # the tail-latency sweep: docs/results/tail.{json,md} and plots (about 11 minutes)
 	$(PY) -m app.cli bench tail --json docs/results/tail.json
 bench-serving:  # overhead, throughput, deadline: docs/results/serving.json (about 4 minutes)
 	$(PY) -m app.cli bench serving --json docs/results/serving.json

@@ -392,7 +392,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", default=None, help="LOAD:INTENSITY,... e.g. 0.2:none,0.2:medium")
     parser.add_argument("--modes", default=None, help="comma-separated subset of " + ", ".join(MODES))
     parser.add_argument("--baseline-modes", default=None, help="modes at intensity none (default coded,wait-all)")
-    parser.add_argument("--patience-quantile", type=float, default=0.99, help="coded's patience (chosen on validation)")
+    parser.add_argument(
+        "--patience-quantile",
+        type=float,
+        default=0.999,
+        help="coded's patience (the product default, chosen on validation: docs/serving.md)",
+    )
     parser.add_argument("--margin", type=float, default=5.0, help="COINSERVE_PATIENCE_MARGIN_MS for the coded modes")
     parser.add_argument("--pareto", default=None, help="LOAD:INTENSITY where other patience quantiles run ('': none)")
     parser.add_argument("--pareto-quantiles", default="0.9,0.99,0.999", help="the one coded uses runs once")
