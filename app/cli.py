@@ -98,29 +98,23 @@ def _cmd_code(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # Method names are spelled out (not imported from models.coded) so that building the parser
-    # never loads torch; tests/app/test_cli.py checks they match models.coded.METHODS.
-    methods = (
-        "coin",
-        "coin-norm",
-        "average",
-        "regmean",
-        "coin-distill",
-        "coin-norm-distill",
-        "average-distill",
-        "regmean-distill",
-        "parity",
-    )
-    p = sub.add_parser("code", help="add coded models (COIN, another merge, or a baseline) to a bundle")
-    p.add_argument("--bundle", type=Path, default=default_bundle())
-    p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
-    p.add_argument(
-        "--method",
-        choices=methods,
-        default=DEFAULT_CODED_METHOD,
-        help=f"how the coded model is built (default {DEFAULT_CODED_METHOD}, the validation winner: docs/coin.md)",
-    )
+# Coded-model methods, spelled out (not imported from models.coded) so that building the parser
+# never loads torch; tests/models/test_cli_flags.py checks them against models.coded.
+CODE_METHODS = (
+    "coin",
+    "coin-norm",
+    "average",
+    "regmean",
+    "coin-distill",
+    "coin-norm-distill",
+    "average-distill",
+    "regmean-distill",
+    "parity",
+)
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    """How coded models are built (models.coded.BUILD_OPTIONS): shared by `code` and `eval-coding`."""
     p.add_argument(
         "--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin*)"
     )
@@ -134,6 +128,20 @@ def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (*-distill)")
     p.add_argument("--distill-loss", choices=("mse", "kl"), default="mse", help="distillation loss (*-distill)")
     p.add_argument("--distill-images", type=int, default=10000, help="unlabelled training images to distil on")
+
+
+def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    methods = CODE_METHODS
+    p = sub.add_parser("code", help="add coded models (COIN, another merge, or a baseline) to a bundle")
+    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
+    p.add_argument(
+        "--method",
+        choices=methods,
+        default=DEFAULT_CODED_METHOD,
+        help=f"how the coded model is built (default {DEFAULT_CODED_METHOD}, the validation winner: docs/coin.md)",
+    )
+    _add_build_options(p)
     p.set_defaults(func=_cmd_code)
 
 
@@ -177,17 +185,7 @@ def _cmd_eval_coding(args: argparse.Namespace) -> int:
 
 
 def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # As in _add_code, spelled out so the parser never loads torch (checked against models.coded.EVALUATED).
-    methods = (
-        "coin",
-        "coin-norm",
-        "average",
-        "regmean",
-        "coin-distill",
-        "average-distill",
-        "regmean-distill",
-        "parity",
-    )
+    methods = tuple(m for m in CODE_METHODS if m != "coin-norm-distill")
     p = sub.add_parser("eval-coding", help="evaluate coded models: choose the default on validation, report on test")
     p.add_argument("--bundle", type=Path, default=default_bundle())
     p.add_argument("--json", type=Path, default=None, help='write {"default_method", "rows", "validation_rows", ...}')
@@ -195,19 +193,7 @@ def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--r", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", choices=(*methods, "coin-norm-distill", "none"), default=[*methods, "none"])
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test images")
-    p.add_argument(
-        "--fisher", choices=("true", "sampled", "empirical"), default="true", help="Fisher estimator (coin*)"
-    )
-    p.add_argument(
-        "--calibration-images", type=int, default=1000, help="validation images for Fisher, Grams, temperature"
-    )
-    p.add_argument("--parity-epochs", type=int, default=6, help="training epochs of the parity model (parity)")
-    p.add_argument("--no-calibrate", action="store_true", help="skip the output-temperature fit of merged models")
-    p.add_argument("--regmean-alpha", type=float, default=0.95, help="off-diagonal Gram scaling (regmean*)")
-    p.add_argument("--distill-steps", type=int, default=100, help="Adam steps toward the mixture (*-distill)")
-    p.add_argument("--distill-lr", type=float, default=1e-4, help="distillation learning rate (*-distill)")
-    p.add_argument("--distill-loss", choices=("mse", "kl"), default="mse", help="distillation loss (*-distill)")
-    p.add_argument("--distill-images", type=int, default=10000, help="unlabelled training images to distil on")
+    _add_build_options(p)
     p.set_defaults(func=_cmd_eval_coding)
 
 
