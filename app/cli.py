@@ -326,13 +326,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
     _configure_logging("warning")  # the supervisor's one line per death and per restart
     _ensure_bundle(args.bundle, args.coded_method)
     example = _example_request(args.bundle)
-    cluster = launcher.start(args.bundle, args.port, args.coded_method, grpc_port=args.grpc_port)
-    try:
-        launcher.wait_ready(cluster)
-    except (RuntimeError, TimeoutError) as exc:
-        cluster.stop()
-        print(f"coinserve up: {exc}", file=sys.stderr)
-        return 1
+    with launcher.interruptible():  # SIGTERM while starting: stop what was started, orphan nothing
+        cluster = launcher.start(args.bundle, args.port, args.coded_method, grpc_port=args.grpc_port)
+        try:
+            launcher.wait_ready(cluster)
+        except (RuntimeError, TimeoutError) as exc:
+            cluster.stop()
+            print(f"coinserve up: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            cluster.stop()
+            print("coinserve up: stopped before every process was ready", file=sys.stderr)
+            return 130
     base = f"http://127.0.0.1:{args.port}"
     gateway = cluster.children[-1]
     print(f"\ncoinserve is up: gateway {base} (group 'fashion', pid {gateway.process.pid}), metrics {base}/metrics")

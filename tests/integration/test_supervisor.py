@@ -234,3 +234,27 @@ def test_sigterm_to_up_ends_every_child(up):
     assert [name for name, pid in pids.items() if is_alive(pid)] == []
     assert up.count(r"restarting in") == restarts
     assert ready_body(up.url) is None
+
+
+def test_sigterm_while_up_is_still_starting_ends_every_child(coded_bundle, tmp_path):
+    """1. Start `coinserve up`; SIGTERM it as soon as its children exist, before it is ready.
+    Result: it exits, and none of its children outlives it (they were orphaned before the fix)."""
+    bundle = shutil.copytree(coded_bundle, tmp_path / "bundle")
+    port = launcher.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COINSERVE_")} | {"PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "app.cli", "up", "--bundle", str(bundle), "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Up(process, port)
+    try:
+        assert wait_until(lambda: len(service.children()) == 5 or None, 60)
+        assert ready_body(service.url) is None  # still starting: the workers are loading
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) != 0  # interrupted before it was up
+        alive = wait_until(lambda: [p for p in service.seen_pids if is_alive(p)] or None, 2)
+        assert alive is None, f"children outlived `up`: {alive}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in service.seen_pids:
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
