@@ -76,12 +76,61 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_train)
 
 
-def _cmd_code(args: argparse.Namespace) -> int:
-    import torch
+def _cmd_import(args: argparse.Namespace) -> int:
+    from models.importer import import_bundle
+    from models.runtime import use_all_cores
 
+    use_all_cores()
+    import_bundle(
+        args.out,
+        args.calibration,
+        spec_path=args.spec,
+        members=[_named_file("--member", text) for text in args.member],
+        onnx=[_named_file("--onnx", text) for text in args.onnx],
+        eval_paths=tuple(args.eval) if args.eval else None,
+        name=args.name,
+        force=args.force,
+    )
+    print(f"next: coinserve code --bundle {args.out} && coinserve up --bundle {args.out}")
+    return 0
+
+
+def _named_file(flag: str, text: str) -> tuple[str, Path]:
+    from models.errors import ImportSpecError
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ImportSpecError(f"{flag} wants NAME=FILE, got {text!r}")
+    return name, Path(path)
+
+
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "import",
+        help="make a bundle of your own k models: safetensors state dicts plus a layer spec, or ONNX files",
+        description="Check every member against the architecture, fold batch norms, and write a bundle "
+        "atomically (nothing is left behind on any error). Never unpickles.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the bundle folder to create")
+    p.add_argument("--spec", type=Path, help="layer spec JSON: input, labels or classes, layers (docs/import.md)")
+    p.add_argument(
+        "--member", action="append", default=[], metavar="NAME=WEIGHTS.safetensors", help="a member's state dict"
+    )
+    p.add_argument("--onnx", action="append", default=[], metavar="NAME=MODEL.onnx", help="a member exported to ONNX")
+    p.add_argument(
+        "--calibration", type=Path, required=True, help="unlabelled float32 .npy inputs [N, *input shape] (Fisher)"
+    )
+    p.add_argument(
+        "--eval", nargs=2, type=Path, metavar=("INPUTS.npy", "LABELS.npy"), help="a labelled held-out set (optional)"
+    )
+    p.add_argument("--name", help="the group name served at /v2/models/NAME (default: the spec's, else --out's)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.set_defaults(func=_cmd_import)
+
+
+def _cmd_code(args: argparse.Namespace) -> int:
     from models.bundle import open_bundle
     from models.coded import BUILD_OPTIONS, build_coded, ingredients_from_options, write_coded
-    from models.data import load_split
     from models.runtime import use_all_cores
 
     use_all_cores()
@@ -89,12 +138,13 @@ def _cmd_code(args: argparse.Namespace) -> int:
     ingredients = ingredients_from_options(bundle, **{name: getattr(args, name) for name in BUILD_OPTIONS})
     k = len(bundle.member_names)
     coded = build_coded(ingredients, args.method, k, args.r)
-    test = load_split("test")
-    entries = write_coded(bundle, coded, torch.from_numpy(test.images), test.labels)
+    data = ingredients.data()
+    entries = write_coded(bundle, coded, data.test_split() if data.has_test else None)
     print(f"{args.method}: {len(entries)} coded model(s) over {k} members built in {coded.build_seconds:.2f} s")
     for entry in entries:
         coeffs = ", ".join(f"{a:.4f}" for a in entry["coefficients"])
-        print(f"  {entry['name']}: coefficients [{coeffs}], test accuracy {entry['test_accuracy']:.4f}")
+        accuracy = f", test accuracy {entry['test_accuracy']:.4f}" if "test_accuracy" in entry else ""
+        print(f"  {entry['name']}: coefficients [{coeffs}]{accuracy}")
     return 0
 
 
@@ -286,10 +336,16 @@ def _configure_logging(level: str) -> None:
 
 
 def _ensure_bundle(bundle: Path, coded_method: str | None) -> None:
-    """Train the default bundle and its coded model when they are missing (progress is printed)."""
+    """Train the default bundle when it is missing, and build its coded model (progress is printed)."""
     from models.bundle import MANIFEST, open_bundle
+    from models.errors import BundleError
 
     if not (bundle / MANIFEST).is_file():
+        if bundle != default_bundle():
+            raise BundleError(
+                f"no bundle at {bundle}: make one with `coinserve import --out {bundle} ...` (your own models) "
+                f"or `coinserve train --out {bundle}`"
+            )
         print(f"no bundle at {bundle}: training the default one (about 2 minutes on 2 cores)")
         _cmd_train(build_parser().parse_args(["train", "--out", str(bundle)]))
     coded = open_bundle(bundle, verify=False).coded
@@ -299,22 +355,24 @@ def _ensure_bundle(bundle: Path, coded_method: str | None) -> None:
         _cmd_code(build_parser().parse_args(["code", "--bundle", str(bundle), "--method", method]))
 
 
-def _example_request(bundle: Path) -> Path:
-    """A real test image as a ready-to-send V2 request, for the printed curl."""
+def _example_request(bundle: Path) -> tuple[Path, str]:
+    """The bundle's first example input as a ready-to-send V2 request, for the printed curl;
+    → (its path, what it is)."""
     import json
     import tempfile
 
-    from models.data import load_split
+    from models.bundle import open_bundle
+    from models.sources import example_request, examples
 
-    test = load_split("test").head(1)
-    body = {
-        "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": test.images.ravel().tolist()}]
-    }
+    opened = open_bundle(bundle, verify=False)
+    body = example_request(opened)
+    label = int(examples(opened).labels[0])
+    what = f"labelled {opened.spec.label(label)!r}, class {label}" if label >= 0 else "unlabelled"
     for folder in (bundle, Path(tempfile.gettempdir())):  # the bundle may be read-only (the container image)
         path = folder / "example-request.json"
         try:
             path.write_text(json.dumps(body))
-            return path
+            return path, what
         except OSError:
             continue
     raise OSError("cannot write the example request anywhere")
@@ -322,10 +380,12 @@ def _example_request(bundle: Path) -> Path:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from app import launcher
+    from models.bundle import open_bundle
 
     _configure_logging("warning")  # the supervisor's one line per death and per restart
     _ensure_bundle(args.bundle, args.coded_method)
-    example = _example_request(args.bundle)
+    group = open_bundle(args.bundle, verify=False).spec.group
+    example, what = _example_request(args.bundle)
     with launcher.interruptible():  # SIGTERM while starting: stop what was started, orphan nothing
         cluster = launcher.start(args.bundle, args.port, args.coded_method, grpc_port=args.grpc_port)
         try:
@@ -340,15 +400,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
             return 130
     base = f"http://127.0.0.1:{args.port}"
     gateway = cluster.children[-1]
-    print(f"\ncoinserve is up: gateway {base} (group 'fashion', pid {gateway.process.pid}), metrics {base}/metrics")
+    print(f"\ncoinserve is up: gateway {base} (group {group!r}, pid {gateway.process.pid}), metrics {base}/metrics")
     if args.grpc_port:
         print(f"  gRPC (OIP v2 GRPCInferenceService) on 127.0.0.1:{args.grpc_port}")
     for child in cluster.children[:-1]:
         print(f"  replica {child.name:14s} {child.url}  (pid {child.process.pid})")
-    print("\ntry it (the first Fashion-MNIST test image, an ankle boot, class 9):")
+    print(f"\ntry it (the bundle's first example input, {what}):")
     json_type = "-H 'Content-Type: application/json'"
-    print(f"  curl -s {base}/v2/models/fashion/infer {json_type} -d @{example}")
-    print(f"  curl -sN {base}/v2/models/fashion/infer -H 'Accept: text/event-stream' {json_type} -d @{example}")
+    print(f"  curl -s {base}/v2/models/{group}/infer {json_type} -d @{example}")
+    print(f"  curl -sN {base}/v2/models/{group}/infer -H 'Accept: text/event-stream' {json_type} -d @{example}")
     print("\nA process that dies is restarted on its port; Ctrl-C (or SIGTERM) stops every process.", flush=True)
     return launcher.run_until_signal(cluster)
 
@@ -446,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_train,
+    _add_import,
     _add_code,
     _add_eval_coding,
     _add_eval_refinement,
@@ -465,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ModelsError as exc:
-        print(f"coinserve {args.command}: {exc}", file=sys.stderr)
+        print(f"coinserve {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except ValidationError as exc:  # a bad setting: name it, without the input (it may be a secret)
         for error in exc.errors(include_input=False, include_url=False):

@@ -105,7 +105,7 @@ class Fanout:
         coded = list(self.group.coded) if members == self.group.members else []
         refine = options.stream or options.deadline_ms is not None or options.stop_margin is not None
         parameters = {"stream": refine, "final_only": not refine, "min_resolution": options.min_resolution}
-        body, header_length = encode_binary_request(images, parameters, request_id)
+        body, header_length = encode_binary_request(images, parameters, self.group.spec.input.name, request_id)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         call = _Call(self, body, header_length, len(images), refine, queue)
         hedge = self.group.hedge_url is not None and not refine and (self.health is None or self.health.is_hedge_usable)

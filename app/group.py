@@ -12,6 +12,7 @@ import numpy as np
 
 from app.decoding import Decoder
 from app.settings import GatewaySettings
+from protocol.spec import ModelSpec, SpecError, model_spec
 
 
 class GroupConfigError(Exception):
@@ -26,13 +27,16 @@ class Group:
     coeffs: np.ndarray | None  # (r, k)
     resolutions: int  # the plan's resolutions, float32 included
     planes: list[int | None]
-    classes: int
-    class_names: list[str]
+    spec: ModelSpec  # the manifest's contract: input name, shape and datatype, classes and labels
     urls: dict[str, str]
     hedge_url: str | None = None  # a replica hosting every member, for the hedged-request baseline
     hedge_quantile: float = 0.95
     manifest_sha256: str | None = None  # of the manifest's bytes: a replica must report the same (DESIGN §3)
     version: str = "1"  # the OIP model version: the manifest's `model_version`, "1" when it names none
+
+    @property
+    def classes(self) -> int:
+        return self.spec.classes
 
     @property
     def outputs(self) -> list[str]:
@@ -47,14 +51,15 @@ class Group:
             "name": self.name,
             "versions": [self.version],
             "platform": "coinserve",
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+            "inputs": [{**self.spec.input.to_dict(), "shape": [-1, *self.spec.input.shape]}],
             "outputs": [{"name": m, "datatype": "FP32", "shape": [-1, self.classes]} for m in self.outputs],
             "parameters": {
                 "members": self.members,
                 "coded_replicas": [{"name": n, "row": r} for n, r in self.coded.items()],
                 "coefficients": None if self.coeffs is None else self.coeffs.tolist(),
                 "resolutions": [{"index": i, "planes": p} for i, p in enumerate(self.planes)],
-                "classes": self.class_names,
+                "classes": self.classes,
+                "labels": list(self.spec.labels),
             },
         }
 
@@ -81,6 +86,10 @@ def load_group(settings: GatewaySettings) -> Group:
         manifest = json.loads(manifest_bytes)
     except (OSError, json.JSONDecodeError) as exc:
         raise GroupConfigError(f"cannot read the bundle manifest {path}: {exc}") from exc
+    try:
+        spec = model_spec(manifest)
+    except SpecError as exc:
+        raise GroupConfigError(f"bundle manifest {path}: {exc}") from exc
     members = [m["name"] for m in manifest["members"]]
     coded_entries = sorted(
         (
@@ -101,14 +110,13 @@ def load_group(settings: GatewaySettings) -> Group:
         raise GroupConfigError(f"replica URLs must be http://HOST:PORT (traffic inside the cluster), got {bad}")
     planes = list(manifest.get("refinement", {}).get("planes", [4]))
     return Group(
-        name=settings.group,
+        name=settings.group or spec.group,
         members=members,
         coded=coded,
         coeffs=coeffs,
         resolutions=len(planes) + 1,
         planes=[*planes, None],
-        classes=int(manifest["config"]["classes"]),
-        class_names=list(manifest.get("dataset", {}).get("classes", [])),
+        spec=spec,
         urls={name: url.rstrip("/") for name, url in settings.replicas.items()},
         hedge_url=settings.hedge_replica.rstrip("/") if settings.hedge_replica else None,
         hedge_quantile=settings.hedge_quantile,

@@ -16,7 +16,7 @@ import orjson
 from app.eventlog import Event
 from app.fanout import response_parameters
 from app.group import Group
-from protocol.v2 import HEADER_LENGTH, InferRequest, encode_outputs
+from protocol.v2 import HEADER_LENGTH, InferRequest, classification, encode_outputs
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -45,16 +45,30 @@ def parts(event: Event, group: Group, request_id: str | None) -> tuple[dict[str,
     return header, tensors
 
 
+def chosen(tensors: dict[str, np.ndarray], request: InferRequest, group: Group) -> list[tuple[str, np.ndarray, bool]]:
+    """The outputs the request asked for, in its order, as (name, values, binary); an output asked
+    for with `classification: N` becomes its top N classes as "score:index:label" strings."""
+    if request.outputs is None:
+        return [(name, values, request.binary_output) for name, values in tensors.items()]
+    return [
+        (
+            o.name,
+            classification(tensors[o.name], o.classification, group.spec.labels)
+            if o.classification
+            else tensors[o.name],
+            o.binary,
+        )
+        for o in request.outputs
+        if o.name in tensors
+    ]
+
+
 def render(event: Event, request: InferRequest, group: Group) -> tuple[bytes, str, dict[str, str]]:
     """→ (body, content type, extra headers) of one event for this request."""
     if event.name == "error" or is_default(request):
         return event.data, JSON, {}
     header, tensors = parts(event, group, request.request_id)
-    if request.outputs is None:
-        chosen = [(name, values, request.binary_output) for name, values in tensors.items()]
-    else:
-        chosen = [(o.name, tensors[o.name], o.binary) for o in request.outputs if o.name in tensors]
-    body, length = encode_outputs(header, chosen)
+    body, length = encode_outputs(header, chosen(tensors, request, group))
     if length is None:
         return body, JSON, {}
     return body, BINARY, {HEADER_LENGTH: str(length)}

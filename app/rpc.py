@@ -21,18 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import grpc
-import numpy as np
 import orjson
 
 from app.admission import Slot, admit_request, admit_stream, check_deadline
 from app.errors import CoinserveError
 from app.eventlog import Event, MemoryLog, follow, terminal
 from app.lifecycle import CLIENT_GONE, Admitted, Owned
-from app.responses import parts
+from app.responses import chosen, parts
 from app.routes.health import server_metadata
 from app.validation import parse_request
 from protocol.grpc_service import METHODS, SERVICE, message, set_parameter, to_v2
-from protocol.v2 import InferRequest
+from protocol.v2 import InferRequest, datatype_of, tensor_bytes
 
 if TYPE_CHECKING:
     from app.state import Gateway
@@ -209,14 +208,12 @@ class InferenceService:
 
     def _response(self, event: Event, parsed: InferRequest, streamed: bool = False) -> Any:
         header, tensors = parts(event, self.gw.group, parsed.request_id)
-        names = list(tensors) if parsed.outputs is None else [o.name for o in parsed.outputs if o.name in tensors]
         response = message("ModelInferResponse")(
             model_name=header["model_name"], model_version=header.get("model_version", ""), id=parsed.request_id or ""
         )
-        for name in names:
-            values = tensors[name]
-            response.outputs.add(name=name, datatype="FP32", shape=list(values.shape))
-            response.raw_output_contents.append(np.ascontiguousarray(values, dtype="<f4").tobytes())
+        for name, values, _ in chosen(tensors, parsed, self.gw.group):  # gRPC outputs are always raw
+            response.outputs.add(name=name, datatype=datatype_of(values), shape=list(values.shape))
+            response.raw_output_contents.append(tensor_bytes(values))
         parameters = dict(header.get("parameters") or {})
         if streamed:
             parameters["event"] = event.name

@@ -16,7 +16,9 @@ class GatewaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    group: str = Field("fashion", description="the model group's name in /v2/models/{group}")
+    group: str | None = Field(
+        None, description="the model group's name in /v2/models/{group} (default: the bundle manifest's name)"
+    )
     bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
     replicas: dict[str, str] = Field(default_factory=dict, description="model name → base URL of its replica")
     coded_method: str | None = Field(

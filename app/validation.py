@@ -64,7 +64,7 @@ def parse_request(
 ) -> tuple[InferRequest, Options]:
     """The request as the surfaces need it: the parsed tensors and outputs asked for, and its Options."""
     try:
-        parsed = parse_infer(body, length, settings.max_batch, PARAMETERS, group.outputs)
+        parsed = parse_infer(body, length, settings.max_batch, PARAMETERS, group.spec.input, group.outputs)
     except ProtocolError as exc:
         raise BadRequestError(str(exc)) from exc
     options = options_from(parsed.parameters, group, settings, stream)

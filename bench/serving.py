@@ -85,7 +85,6 @@ def cpu_flags() -> list[str]:
 
 def trivial_bundle(folder: Path) -> Path:
     """A real bundle whose models cost next to nothing: an MLP trained for a few steps, coded by averaging."""
-    import torch
 
     from models.bundle import open_bundle
     from models.coded import Ingredients, build_coded, members_of, write_coded
@@ -96,7 +95,7 @@ def trivial_bundle(folder: Path) -> Path:
     bundle = open_bundle(folder)
     test = load_split("test").head(200)
     coded = build_coded(Ingredients(bundle, members_of(bundle), calibrate=False), "average", 4, 1)
-    write_coded(bundle, coded, torch.from_numpy(test.images), test.labels)
+    write_coded(bundle, coded, test)
     return folder
 
 

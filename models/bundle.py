@@ -1,7 +1,11 @@
 """Bundles: a folder with `manifest.json` plus one `.safetensors` file per model, sha256-checked.
 
-Bundles are the only thing that crosses from training to serving (DESIGN §2). Tensors are read
-with safetensors from bytes whose hash has just been checked; nothing is ever unpickled.
+Bundles are the only thing that crosses from training to serving (DESIGN §2). The manifest states
+the model contract (`input`, `output`, group `name`: protocol/spec.py) and the architecture as a
+layer list (models/layers.py); every model file is keyed like that `nn.Sequential`'s
+`state_dict()`. Tensors are read with safetensors from bytes whose hash has just been checked;
+nothing is ever unpickled. Version-1 manifests (Fashion-MNIST bundles of `coinserve train` that
+named an architecture and its config instead of a layer list) still load.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 
-from models.errors import BundleError, BundleHashError
+from models.errors import BundleError, BundleHashError, ImportSpecError
+from models.layers import SERVED, build_sequential, check_layers, describe
 from models.networks import build, config_from_dict
+from protocol.spec import FORMAT, FORMAT_V1, FORMATS, ModelSpec, SpecError, model_spec
 
 MANIFEST = "manifest.json"
-FORMAT = "coinserve-bundle/1"
 SECTIONS = ("base", "members", "coded")
-_RETRAIN = "run `coinserve train --out DIR` to rebuild the bundle"
+_RETRAIN = "rebuild the bundle (`coinserve train --out DIR` or `coinserve import --out DIR ...`)"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -53,6 +58,15 @@ def save_model(folder: Path, name: str, model: nn.Module) -> dict[str, str]:
     return {"file": file, "sha256": sha256_bytes(data)}
 
 
+def save_tensors(folder: Path, file: str, tensors: dict[str, Any]) -> dict[str, str]:
+    """Write numpy arrays as `file` (safetensors); returns the manifest fields `file` and `sha256`."""
+    from safetensors.numpy import save as save_numpy
+
+    data = save_numpy({k: v for k, v in tensors.items()})
+    _atomic_write(folder / file, data)
+    return {"file": file, "sha256": sha256_bytes(data)}
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     _atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -63,8 +77,21 @@ class Bundle:
     manifest: dict[str, Any]
 
     @property
-    def architecture(self) -> str:
-        return str(self.manifest["architecture"])
+    def spec(self) -> ModelSpec:
+        """The model contract: group name, input spec, classes and labels."""
+        return model_spec(self.manifest)
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """The served layer list (a v1 manifest's architecture, described as one)."""
+        if self.manifest["format"] == FORMAT_V1:
+            cfg = config_from_dict(str(self.manifest["architecture"]), self.manifest["config"])
+            return describe(build(str(self.manifest["architecture"]), cfg))
+        return list(self.manifest["layers"])
+
+    def new_model(self) -> nn.Sequential:
+        """A freshly initialised network of the bundle's architecture (the parity model starts here)."""
+        return build_sequential(self.layers)
 
     @property
     def member_names(self) -> list[str]:
@@ -89,11 +116,17 @@ class Bundle:
     def read_bytes(self, name: str) -> bytes:
         """The model file's bytes, refused unless their sha256 matches the manifest."""
         entry = self.entry(name)
-        path = self.path / str(entry["file"])
+        return self.read_file(str(entry["file"]), str(entry["sha256"]))
+
+    def read_file(self, file: str, sha256: str) -> bytes:
+        """A bundle file's bytes, refused unless their sha256 is the one given."""
+        if Path(file).name != file:
+            raise BundleError(f"bundle file {file!r} must be a plain file name inside the bundle")
+        path = self.path / file
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}; {_RETRAIN}")
         data = path.read_bytes()
-        if sha256_bytes(data) != entry["sha256"]:
+        if sha256_bytes(data) != sha256:
             raise BundleHashError(
                 f"bundle file {path} does not match its manifest sha256 (tampered or corrupt); "
                 f"refusing to load it; {_RETRAIN}"
@@ -109,7 +142,7 @@ class Bundle:
 
     def build_model(self, name: str) -> nn.Sequential:
         """An eval-mode network holding the named model's verified weights."""
-        model = build(self.architecture, config_from_dict(self.architecture, self.manifest["config"]))
+        model = self.new_model()
         try:
             model.load_state_dict(self.load_state(name))
         except RuntimeError as exc:
@@ -143,11 +176,23 @@ def open_bundle(folder: Path | str, verify: bool = True) -> Bundle:
 
 
 def _check_manifest(manifest: Any, where: Path) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{where} is not a {FORMAT} manifest; {_RETRAIN}")
-    for key in ("architecture", "config", "members"):
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+        raise BundleError(f"{where} is not a manifest of {' or '.join(FORMATS)}; {_RETRAIN}")
+    required = ("architecture", "config") if manifest["format"] == FORMAT_V1 else ("name", "input", "output", "layers")
+    for key in (*required, "members"):
         if key not in manifest:
             raise BundleError(f"{where} lacks the key {key!r}; {_RETRAIN}")
+    try:
+        model_spec(manifest)
+        if manifest["format"] == FORMAT:
+            layers = check_layers(manifest["layers"])
+            unserved = [layer["type"] for layer in layers if layer["type"] not in SERVED]
+            if unserved:
+                raise BundleError(f"{where}: layers {unserved} must be folded at import; served layers are {SERVED}")
+    except (SpecError, ImportSpecError) as exc:
+        raise BundleError(f"{where}: {exc}") from exc
+    if not isinstance(manifest["members"], list) or not manifest["members"]:
+        raise BundleError(f"{where}: 'members' must list at least one model")
     entries = list(manifest["members"]) + list(manifest.get("coded", []))
     for entry in entries:
         if not isinstance(entry, dict) or not {"name", "file", "sha256"} <= entry.keys():

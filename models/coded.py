@@ -26,19 +26,23 @@ from torch import nn
 from models.bundle import Bundle, save_model
 from models.coding import coefficients, condition_numbers
 from models.coin import FisherSet, apply_temperature, compute_fishers, fisher_merge, fit_temperature
-from models.data import Split, load_split, train_validation
+from models.data import Split
 from models.distill import DistillConfig, distill
-from models.networks import build, config_from_dict, predict_proba
+from models.errors import BundleError
+from models.networks import predict_proba
 from models.parity import mixture_targets, train_parity
 from models.regmean import DEFAULT_ALPHA, GramSet, input_grams, regmean_merge
+from models.sources import DataSource, source
 
 MERGES = ("coin", "coin-norm", "average", "regmean")
 METHODS = (*MERGES, *(f"{m}-distill" for m in MERGES), "parity")
 EVALUATED = ("coin", "coin-norm", "average", "regmean", "coin-distill", "average-distill", "regmean-distill", "parity")
-CALIBRATION_IMAGES = 1000  # validation images for the Fisher; see docs/coin.md for the cost trade-off
+CALIBRATION_IMAGES = (
+    1000  # calibration (Fashion-MNIST: validation) images for the Fisher; see docs/coin.md for the cost trade-off
+)
 # Unlabelled training images the *-distill methods train on: 1,000 calibration images over-fit
 # (validation, k = 4: agreement on disagreement 0.832 with them against 0.855 with 10,000).
-DISTILL_IMAGES = 10000
+DISTILL_IMAGES = 10000  # (an imported bundle has fewer: all its calibration inputs)
 BUILD_OPTIONS = (
     "calibration_images",
     "fisher",
@@ -78,33 +82,33 @@ class Ingredients:
     distill_images: int = DISTILL_IMAGES  # 0: distil on the calibration set; N: the first N training images
     _fishers: FisherSet | None = None
     _grams: tuple[list[GramSet], list[float]] | None = None
-    _splits: tuple[Any, Any] | None = None
+    _source: DataSource | None = None
 
-    def splits(self) -> tuple[Any, Any]:
-        if self._splits is None:
-            self._splits = train_validation(load_split("train"))
-        return self._splits
+    def data(self) -> DataSource:
+        """The bundle's data (models/sources.py): read once, shared by every method."""
+        if self._source is None:
+            self._source = source(self.bundle)
+        return self._source
 
-    def calibration(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `calibration_images` validation images and their labels (never test data)."""
-        _, validation = self.splits()
-        calib = validation.head(self.calibration_images)
-        return torch.from_numpy(calib.images), torch.from_numpy(calib.labels)
+    def calibration(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first `calibration_images` calibration inputs (labels where the bundle has them; never test data)."""
+        images, labels = self.data().calibration_set(self.calibration_images)
+        return torch.from_numpy(images), None if labels is None else torch.from_numpy(labels)
 
     def distillation_inputs(self) -> torch.Tensor:
-        if not self.distill_images:
-            return self.calibration()[0]
-        train, _ = self.splits()
-        return torch.from_numpy(train.images[: self.distill_images])
+        return torch.from_numpy(self.data().unlabelled_set(self.distill_images))
 
     def selection(self) -> Split:
-        """The validation images after the calibration ones: where methods are compared and chosen."""
-        _, validation = self.splits()
-        return validation.subset(np.arange(self.calibration_images, len(validation)))
+        """Labelled inputs the calibration set did not use: where methods are compared and chosen."""
+        return self.data().selection(self.calibration_images)
 
     def fishers(self) -> FisherSet:
         if self._fishers is None:
             images, labels = self.calibration()
+            if labels is None and self.fisher_kind == "empirical":
+                raise BundleError(
+                    f"the empirical Fisher needs labelled calibration inputs, which {self.bundle.path} lacks"
+                )
             self._fishers = compute_fishers(self.members, images, labels, kind=self.fisher_kind)  # type: ignore[arg-type]
         return self._fishers
 
@@ -149,7 +153,7 @@ def ingredients_from_options(
 
 
 def _model_from_state(bundle: Bundle, state: dict[str, torch.Tensor]) -> nn.Module:
-    model = build(bundle.architecture, config_from_dict(bundle.architecture, bundle.manifest["config"]))
+    model = bundle.new_model()
     model.load_state_dict(state)
     return model.eval()
 
@@ -162,10 +166,9 @@ def build_coded(ingredients: Ingredients, method: str, k: int, r: int) -> CodedS
     members = ingredients.members[:k]
     bundle = ingredients.bundle
     if method == "parity":
-        train, _ = ingredients.splits()
-        cfg = config_from_dict(bundle.architecture, bundle.manifest["config"])
+        train = ingredients.data().unlabelled
         epochs = ingredients.parity_epochs
-        trained = [train_parity(bundle.architecture, cfg, members, train, row, epochs=epochs) for row in coeffs]
+        trained = [train_parity(bundle.new_model, members, train, row, epochs=epochs) for row in coeffs]
         info = {"epochs": ingredients.parity_epochs, "train_images": len(train)}
         return CodedSet(method, coeffs, [m for m, _ in trained], sum(s for _, s in trained), info)
     merge, is_distilled = method.removesuffix("-distill"), method.endswith("-distill")
@@ -237,16 +240,18 @@ def _calibrate(model: nn.Module, members: Sequence[nn.Module], row: np.ndarray, 
     return temperature
 
 
-def write_coded(
-    bundle: Bundle, coded: CodedSet, test_images: torch.Tensor, test_labels: np.ndarray
-) -> list[dict[str, Any]]:
-    """Save the coded models into the bundle (replacing earlier ones of the same method)."""
+def write_coded(bundle: Bundle, coded: CodedSet, test: Split | None) -> list[dict[str, Any]]:
+    """Save the coded models into the bundle (replacing earlier ones of the same method), with
+    their test accuracy where the bundle has a labelled test set."""
     r, _ = coded.coeffs.shape
     names = bundle.member_names
     entries = []
     for index, (model, row) in enumerate(zip(coded.models, coded.coeffs, strict=True)):
         name = f"coded-{coded.method}-{index}"
-        accuracy = float(np.mean(predict_proba(model, test_images).numpy().argmax(1) == test_labels))
+        accuracy = {}
+        if test is not None:
+            probs = predict_proba(model, torch.from_numpy(test.images)).numpy()
+            accuracy = {"test_accuracy": float(np.mean(probs.argmax(1) == test.labels))}
         entries.append(
             {
                 "name": name,
@@ -257,7 +262,7 @@ def write_coded(
                 "coefficients": [round(float(a), 12) for a in row],
                 "members": names,
                 "build_seconds": round(coded.build_seconds, 3),
-                "test_accuracy": accuracy,
+                **accuracy,
                 **coded.details,
             }
         )

@@ -22,7 +22,7 @@ import torch
 from models.bundle import Bundle
 from models.coded import METHODS, CodedSet, Ingredients, build_coded, members_of
 from models.coding import decode, encode
-from models.data import Split, load_split
+from models.data import Split
 from models.evaluate import markdown_table
 from models.networks import predict_proba
 
@@ -112,8 +112,7 @@ def _probes(ingredients: Ingredients, splits: Sequence[str], test_limit: int | N
         if name == "validation":  # validation images the calibration set did not use
             split = ingredients.selection()
         elif name == "test":
-            split = load_split("test")
-            split = split.head(test_limit) if test_limit else split
+            split = ingredients.data().test_split(test_limit)
         else:
             raise ValueError(f"unknown split {name!r}; expected 'validation' or 'test'")
         probes.append(_probe(name, split, ingredients.members))

@@ -29,3 +29,8 @@ class CodingShapeError(ModelsError):
 
 class RefinementError(ModelsError):
     """A refinement plan or engine request is not valid for this model."""
+
+
+class ImportSpecError(ModelsError):
+    """A user's models cannot be imported: a bad layer spec, weights that do not fit it, an ONNX
+    operator we do not map, or a data file of the wrong shape. The message names the member and key."""

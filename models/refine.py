@@ -27,12 +27,12 @@ from torch import nn
 from models.bitplanes import RefinementPlan, row_exponent, top_exponent, truncate
 from models.errors import RefinementError
 
-_SUPPORTED = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten)
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
 
 
 @dataclass(frozen=True)
 class _Op:
-    kind: str  # "conv" | "linear" | "relu" | "pool" | "flatten"
+    kind: str  # "conv" | "linear" | "relu" | "pool" (max) | "avgpool" | "flatten"
     module: nn.Module
     param_index: int = -1  # index into the per-resolution weight lists, for conv/linear
 
@@ -48,7 +48,7 @@ def _compile(model: nn.Module) -> list[_Op]:
             ops.append(_Op("conv" if isinstance(module, nn.Conv2d) else "linear", module, params))
             params += 1
         else:
-            kind = {nn.ReLU: "relu", nn.MaxPool2d: "pool", nn.Flatten: "flatten"}[type(module)]
+            kind = {nn.ReLU: "relu", nn.MaxPool2d: "pool", nn.AvgPool2d: "avgpool", nn.Flatten: "flatten"}[type(module)]
             ops.append(_Op(kind, module))
     return ops
 
@@ -69,6 +69,9 @@ def _apply(
         if _is_plain_2x2(m):
             return _max_pool_2x2(h)
         return F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    if op.kind == "avgpool":
+        assert isinstance(m, nn.AvgPool2d)
+        return F.avg_pool2d(h, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
     assert isinstance(m, nn.Flatten)
     return h.flatten(m.start_dim, m.end_dim)
 
@@ -226,7 +229,7 @@ class RefinementEngine:
                 (w_old, _), (w_new, b_new) = old_params[op.param_index], new_params[op.param_index]
                 b_old = old_params[op.param_index][1]
                 out_delta = _apply(op, delta, w_old, None) + _apply(op, h_new, w_new - w_old, b_new - b_old)
-            elif op.kind == "flatten":
+            elif op.kind in ("flatten", "avgpool"):  # linear: the increment of the output is the op of ΔH
                 out_delta = _apply(op, delta)
             else:  # relu, pool: increments from the stored old outputs
                 out_delta = _apply(op, h_new) - state.acts[i + 1]

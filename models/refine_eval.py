@@ -19,10 +19,10 @@ import torch
 
 from models.bitplanes import RefinementPlan
 from models.bundle import Bundle
-from models.data import load_split
 from models.evaluate import markdown_table
 from models.layered_sim import SimConfig, simulate
 from models.refine import RefinementEngine, activation_nbytes
+from models.sources import source
 
 ROW_KEYS = (
     "batch",
@@ -182,7 +182,7 @@ def evaluate_refinement(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     model = bundle.build_model(model_name)
-    test = load_split("test")
+    test = source(bundle).test_split()
     images = torch.from_numpy(test.images)
     report: dict[str, Any] = {"model": model_name, "plans": {}}
     for name, plan in plans.items():

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.bitplanes import RefinementPlan
-from models.bundle import FORMAT, save_model, write_manifest
+from models.bundle import save_model, save_tensors, write_manifest
 from models.data import (
     CLASSES,
     IMAGE_SHAPE,
@@ -32,8 +32,14 @@ from models.data import (
     train_validation,
 )
 from models.evaluate import accuracy, disagreement_matrix
+from models.layers import describe
 from models.networks import CNNConfig, MLPConfig, build, config_to_dict, default_config, predict_proba
 from models.runtime import use_all_cores
+from models.sources import EXAMPLES_FILE
+from protocol.spec import FORMAT
+
+GROUP = "fashion"  # the group name `coinserve train`'s bundles are served under
+EXAMPLES = 8  # test images kept in the bundle as examples (the console, `up`'s curl)
 
 
 @dataclass(frozen=True)
@@ -257,9 +263,19 @@ def _manifest(
             }
         )
     base_accuracy = accuracy(base_probs, test.labels)
+    examples = test.head(EXAMPLES)
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": GROUP,
+        "input": {"name": "input", "shape": list(IMAGE_SHAPE), "datatype": "FP32"},
+        "output": {"classes": len(CLASSES), "labels": list(CLASSES)},
+        "layers": describe(base),  # type: ignore[arg-type]  # our networks are nn.Sequential
+        "examples": {
+            **save_tensors(out, EXAMPLES_FILE, {"inputs": examples.images, "labels": examples.labels}),
+            "count": len(examples),
+            "split": "test",
+        },
         "dataset": {
             "name": "fashion-mnist",
             "classes": list(CLASSES),

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 on the wire, shared by the gateway and the workers (numpy, no torch).
 
-Requests carry one input tensor of images, shape [B, 1, 28, 28], [B, 28, 28] or [B, 784], FP32,
-either as JSON `data` or with the V2 binary tensor extension (a JSON header of
+Requests carry one input tensor, FP32, shaped as the bundle's input spec says (protocol/spec.py:
+[B, *shape], the same without its size-1 dimensions, or flat [B, size]), either as JSON `data` or
+with the V2 binary tensor extension (a JSON header of
 `Inference-Header-Content-Length` bytes followed by the raw little-endian float32 data). Responses
 carry one FP32 output of shape [B, C]. Parsing is hand-written over orjson and numpy because it is
 the hot path; the pydantic models below document the same schema for OpenAPI.
@@ -9,7 +10,8 @@ the hot path; the pydantic models below document the same schema for OpenAPI.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +19,11 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-INPUT_NAME = "input"
+from protocol.spec import InputSpec
+
 OUTPUT_NAME = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/vnd.coinserve.v2+binary"
-IMAGE_SHAPE = (1, 28, 28)
-PIXELS = 784
-_ACCEPTED_SHAPES = "[B, 1, 28, 28], [B, 28, 28] or [B, 784]"
 
 
 class ProtocolError(ValueError):
@@ -70,8 +70,9 @@ def loads(body: bytes) -> Any:
 # our deadline is `deadline_ms`, counted from arrival and covering the whole request),
 # `sequence_id`/`sequence_start`/`sequence_end` (the models are stateless, so a sequence changes
 # nothing) and `triton_enable_empty_final_response` (gRPC streaming: our last response is always
-# a non-empty one marked `triton_final_response`). Refused with a 400 that says so: shared memory
-# (`shared_memory_region`, ...) and `classification` (the top-k extension).
+# a non-empty one marked `triton_final_response`). Understood on an output: `classification` (the
+# classification extension: the top N classes as BYTES strings "score:index:label"). Refused with
+# a 400 that says so: shared memory (`shared_memory_region`, ...).
 IGNORED_PARAMETERS = frozenset(
     {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "triton_enable_empty_final_response"}
 )
@@ -79,7 +80,6 @@ _UNSUPPORTED = {
     "shared_memory_region": "shared memory is not supported: send the tensor in the request",
     "shared_memory_byte_size": "shared memory is not supported: send the tensor in the request",
     "shared_memory_offset": "shared memory is not supported: send the tensor in the request",
-    "classification": "the classification extension is not supported: ask for the probabilities",
 }
 
 
@@ -87,11 +87,12 @@ _UNSUPPORTED = {
 class RequestedOutput:
     name: str
     binary: bool  # the binary tensor extension: raw little-endian bytes after the JSON header
+    classification: int = 0  # > 0: the classification extension, the top N classes as strings
 
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A parsed request: images (B, 1, 28, 28) float32, our parameters, the id, the outputs asked
+    """A parsed request: inputs (B, *spec.shape) float32, our parameters, the id, the outputs asked
     for (None: every one) and whether outputs not asked for one by one go out binary."""
 
     images: np.ndarray
@@ -114,31 +115,35 @@ def _tensor_parameters(where: str, parameters: Any, known: tuple[str, ...]) -> d
     return parameters
 
 
-def _images(tensor: Any, binary: bytes | None, max_batch: int) -> np.ndarray:
+def _images(tensor: Any, binary: bytes | None, max_batch: int, spec: InputSpec) -> np.ndarray:
     if not isinstance(tensor, dict):
         raise ProtocolError("inputs[0] must be an object with name, shape, datatype and data")
     unknown = set(tensor) - {"name", "shape", "datatype", "data", "parameters"}
     if unknown:
         raise ProtocolError(f"inputs[0] has unknown fields: {sorted(unknown)}")
+    if tensor.get("name") != spec.name:
+        raise ProtocolError(f"inputs[0].name must be {spec.name!r} (the model's input), got {tensor.get('name')!r}")
     parameters = _tensor_parameters("inputs[0]", tensor.get("parameters"), ("binary_data_size",))
-    if tensor.get("datatype") != "FP32":
-        raise ProtocolError(f"inputs[0].datatype must be 'FP32', got {tensor.get('datatype')!r}")
+    if tensor.get("datatype") != spec.datatype:
+        raise ProtocolError(f"inputs[0].datatype must be {spec.datatype!r}, got {tensor.get('datatype')!r}")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
         raise ProtocolError(f"inputs[0].shape must be a list of non-negative integers, got {shape!r}")
     batch = shape[0]
-    if tuple(shape[1:]) not in ((1, 28, 28), (28, 28), (PIXELS,)):
-        raise ProtocolError(f"inputs[0].shape must be {_ACCEPTED_SHAPES}, got {shape}")
+    accepted = spec.accepted()
+    if tuple(shape[1:]) not in accepted:
+        shapes = " or ".join(str(["B", *s]).replace("'", "") for s in accepted)
+        raise ProtocolError(f"inputs[0].shape must be {shapes}, got {shape}")
     if not 1 <= batch <= max_batch:
         raise ProtocolError(f"inputs[0].shape: batch size must be between 1 and {max_batch}, got {batch}")
     size = parameters.get("binary_data_size")
     if binary is not None or size is not None:
-        values = _binary(binary, size, shape, batch * PIXELS * 4, "data" in tensor)
+        values = _binary(binary, size, shape, batch * spec.size * 4, "data" in tensor)
     else:
-        values = _numbers(tensor.get("data"), batch * PIXELS, shape)
+        values = _numbers(tensor.get("data"), batch * spec.size, shape)
     if not np.isfinite(values).all():
         raise ProtocolError("inputs[0].data must be finite (no NaN or Infinity)")
-    return values.reshape(batch, *IMAGE_SHAPE)
+    return values.reshape(batch, *spec.shape)
 
 
 def _binary(binary: bytes | None, size: Any, shape: list[int], needed: int, has_data: bool) -> np.ndarray:
@@ -184,14 +189,16 @@ def _requested(outputs: Any, output_names: Iterable[str] | None, binary_default:
             raise ProtocolError(f"outputs[{i}].name must be a string")
         if names is not None and name not in names:
             raise ProtocolError(f"outputs[{i}]: unknown output {name!r}; outputs are {names}")
-        binary = _tensor_parameters(f"outputs[{i}]", output.get("parameters"), ("binary_data",)).get(
-            "binary_data", binary_default
-        )
+        parameters = _tensor_parameters(f"outputs[{i}]", output.get("parameters"), ("binary_data", "classification"))
+        binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise ProtocolError(f"outputs[{i}].parameters.binary_data must be true or false")
+        top = parameters.get("classification", 0)
+        if type(top) is not int or top < 1 and "classification" in parameters:
+            raise ProtocolError(f"outputs[{i}].parameters.classification must be a positive integer, got {top!r}")
         if any(r.name == name for r in requested):
             raise ProtocolError(f"outputs[{i}]: output {name!r} asked for twice")
-        requested.append(RequestedOutput(name, binary))
+        requested.append(RequestedOutput(name, binary, top))
     return requested
 
 
@@ -200,6 +207,7 @@ def parse_infer(
     header_length: int | None,
     max_batch: int,
     parameter_names: Iterable[str],
+    spec: InputSpec,
     output_names: Iterable[str] | None = None,
 ) -> InferRequest:
     """The V2 request, JSON or with the binary tensor extension. Raises ProtocolError naming the field."""
@@ -217,7 +225,7 @@ def parse_infer(
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise ProtocolError("inputs must be a list holding exactly one tensor")
-    images = _images(inputs[0], binary, max_batch)
+    images = _images(inputs[0], binary, max_batch, spec)
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ProtocolError("parameters must be an object")
@@ -238,23 +246,23 @@ def parse_infer(
 
 
 def parse_request(
-    body: bytes, header_length: int | None, max_batch: int, parameter_names: Iterable[str]
+    body: bytes, header_length: int | None, max_batch: int, parameter_names: Iterable[str], spec: InputSpec
 ) -> tuple[np.ndarray, dict[str, Any], str | None]:
-    """→ (images (B, 1, 28, 28) float32, parameters, request id). Raises ProtocolError."""
-    parsed = parse_infer(body, header_length, max_batch, parameter_names)
+    """→ (inputs (B, *spec.shape) float32, parameters, request id). Raises ProtocolError."""
+    parsed = parse_infer(body, header_length, max_batch, parameter_names, spec)
     return parsed.images, parsed.parameters, parsed.request_id
 
 
 def encode_binary_request(
-    images: np.ndarray, parameters: dict[str, Any], request_id: str | None = None
+    images: np.ndarray, parameters: dict[str, Any], name: str, request_id: str | None = None
 ) -> tuple[bytes, int]:
     """→ (body, header length) for the binary tensor extension; the gateway's fan-out format."""
     data = np.ascontiguousarray(images, dtype="<f4").tobytes()
     header = {
         "inputs": [
             {
-                "name": INPUT_NAME,
-                "shape": [len(images), *IMAGE_SHAPE],
+                "name": name,
+                "shape": list(images.shape),
                 "datatype": "FP32",
                 "parameters": {"binary_data_size": len(data)},
             }
@@ -267,29 +275,54 @@ def encode_binary_request(
     return head + data, len(head)
 
 
+def classification(values: np.ndarray, top: int, labels: Sequence[str] = ()) -> np.ndarray:
+    """Triton's classification extension: per row the `top` highest classes, best first, as
+    "score:index" or "score:index:label" strings (a BYTES tensor (B, min(top, C)))."""
+    top = min(top, values.shape[1])
+    order = np.argsort(-values, axis=1, kind="stable")[:, :top]
+    return np.array(
+        [[f"{values[b, i]:f}:{i}" + (f":{labels[i]}" if labels else "") for i in row] for b, row in enumerate(order)],
+        dtype=object,
+    ).reshape(len(values), top)
+
+
+def datatype_of(values: np.ndarray) -> str:
+    return "BYTES" if values.dtype == object else "FP32"
+
+
+def tensor_bytes(values: np.ndarray) -> bytes:
+    """A tensor's raw bytes: little-endian float32, or for BYTES each element's UTF-8 bytes after
+    its 4-byte little-endian length (the binary tensor extension's and gRPC's layout)."""
+    if values.dtype != object:
+        return np.ascontiguousarray(values, dtype="<f4").tobytes()
+    encoded = [str(v).encode() for v in values.ravel()]
+    return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+
+
 def output_tensor(name: str, values: np.ndarray) -> dict[str, Any]:
-    return {
-        "name": name,
-        "datatype": "FP32",
-        "shape": list(values.shape),
-        "data": values.astype(np.float32).ravel().tolist(),
-    }
+    data = [str(v) for v in values.ravel()] if values.dtype == object else values.astype(np.float32).ravel().tolist()
+    return {"name": name, "datatype": datatype_of(values), "shape": list(values.shape), "data": data}
 
 
 def encode_outputs(header: dict[str, Any], outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
     """A V2 response whose `outputs` are (name, values, binary): JSON tensors inline, binary ones
     after the JSON header (→ body, the header's length for `Inference-Header-Content-Length`, or
-    None when every output is JSON)."""
+    None when every output is JSON). Values are float32 probabilities or BYTES strings."""
     tensors, raw = [], []
     for name, values, binary in outputs:
         if not binary:
             tensors.append(output_tensor(name, values))
             continue
-        data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+        data = tensor_bytes(values)
         raw.append(data)
         shape = list(values.shape)
         tensors.append(
-            {"name": name, "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": len(data)}}
+            {
+                "name": name,
+                "datatype": datatype_of(values),
+                "shape": shape,
+                "parameters": {"binary_data_size": len(data)},
+            }
         )
     head = orjson.dumps({**header, "outputs": tensors})
     if not raw:

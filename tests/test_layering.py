@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,21 @@ def test_gateway_modules_do_not_load_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+_DATASET_CONSTANTS = re.compile(
+    r"fashion|mnist|ankle|\b28\s*,\s*28\b|\b784\b|IMAGE_SHAPE|NUM_CLASSES|load_split|models\.data", re.I
+)
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*(ROOT / "app").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]), ids=lambda p: p.name
+)
+def test_serving_code_knows_no_dataset(path):
+    """DESIGN §2: shapes, classes, labels and the example request come from the bundle's manifest."""
+    hits = [
+        f"{i}: {line.strip()}"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if _DATASET_CONSTANTS.search(line)
+    ]
+    assert hits == []

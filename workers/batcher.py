@@ -35,7 +35,7 @@ class Result:
 
 @dataclass(eq=False)
 class Job:
-    images: torch.Tensor  # (B, 1, 28, 28)
+    images: torch.Tensor  # (B, *the bundle's input shape)
     start: int  # first resolution wanted
     final_only: bool  # only the float32 resolution (a plain JSON call)
     results: asyncio.Queue[Result | BaseException | None] = field(default_factory=asyncio.Queue)

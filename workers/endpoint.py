@@ -132,7 +132,9 @@ def job_from(
         length = int(header_length) if header_length is not None else None
     except ValueError as exc:
         raise ProtocolError(f"{HEADER_LENGTH} must be an integer") from exc
-    images, parameters, request_id = parse_request(body, length, worker.settings.max_request_batch, PARAMETERS)
+    images, parameters, request_id = parse_request(
+        body, length, worker.settings.max_request_batch, PARAMETERS, worker.spec.input
+    )
     last = served.engine.plan.resolutions - 1
     start = parameters.get("min_resolution", 0)
     if type(start) is not int or not 0 <= start <= last:

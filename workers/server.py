@@ -31,6 +31,7 @@ from models.bundle import MANIFEST, Bundle, open_bundle
 from models.errors import BundleError
 from models.refine import RefinementEngine
 from models.runtime import keep_freed_memory, use_all_cores
+from protocol.spec import ModelSpec
 from protocol.v2 import OUTPUT_NAME
 from workers.batcher import Batcher
 from workers.faults import FaultInjector
@@ -83,7 +84,7 @@ class WorkerState:
     models: dict[str, Served]
     faults: FaultInjector | None
     metrics: WorkerMetrics
-    classes: int
+    spec: ModelSpec  # the manifest's contract: input name, shape and datatype, classes and labels
     identity: dict[str, Any]  # what the gateway checks: {"bundle_sha256", "model", "refinement"}
 
 
@@ -96,7 +97,7 @@ def _serve_model(bundle: Bundle, name: str, settings: WorkerSettings, metrics: W
     model = bundle.build_model(name)  # reads the file and checks its sha256 first
     plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
     engine = RefinementEngine(model, plan)
-    warm = torch.zeros(1, 1, 28, 28)
+    warm = torch.zeros(1, *bundle.spec.input.shape)
     for index in range(plan.resolutions):
         engine.forward(warm, index)
     step_delay_s = settings.faults.step_delay_ms / 1000
@@ -124,9 +125,8 @@ def _load(settings: WorkerSettings, metrics: WorkerMetrics) -> WorkerState:
     names = model_names(settings)
     models = {name: _serve_model(bundle, name, settings, metrics) for name in names}
     faults = FaultInjector(settings.faults) if settings.faults.enabled else None
-    classes = int(bundle.manifest["config"]["classes"])
     plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
-    return WorkerState(settings, bundle, models, faults, metrics, classes, identity(manifest_bytes, names, plan))
+    return WorkerState(settings, bundle, models, faults, metrics, bundle.spec, identity(manifest_bytes, names, plan))
 
 
 def create_app(settings: WorkerSettings, drain: threading.Event | None = None) -> ASGIApp:
@@ -189,14 +189,15 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
             {
                 "name": model,
                 "platform": "pytorch",
-                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
-                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, worker.classes]}],
+                "inputs": [{**worker.spec.input.to_dict(), "shape": [-1, *worker.spec.input.shape]}],
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, worker.spec.classes]}],
                 "parameters": {
                     "role": "coded" if "method" in entry else "member",
                     "sha256": entry["sha256"],
                     "coefficients": entry.get("coefficients"),
                     "refinement": served.engine.plan.to_dict(),
                     "identity": worker.identity,
+                    "labels": list(worker.spec.labels),
                 },
             }
         )

@@ -16,10 +16,15 @@ from app.group import Group
 from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
 from models.coding import coefficients, encode
+from protocol.spec import InputSpec, ModelSpec
 
 MEMBERS = ["m0", "m1", "m2"]
 PROBS = np.random.default_rng(0).dirichlet(np.ones(10), size=(3, 1))  # (k, B, C)
 CODED = encode(PROBS, coefficients(3, 1))[0]
+
+
+def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
 
 
 def _line(name: str, resolution: int) -> dict[str, Any]:
@@ -59,7 +64,7 @@ def _fanout(client: ScriptedClient, hedge: bool = False) -> Fanout:
     coded = {} if hedge else {"c": 0}
     urls = {n: "http://x" for n in [*MEMBERS, "c"]}
     group = Group(
-        "g", MEMBERS, coded, coefficients(3, 1), 2, [4, None], 10, [], urls, "http://hedge" if hedge else None
+        "g", MEMBERS, coded, coefficients(3, 1), 2, [4, None], _spec(10), urls, "http://hedge" if hedge else None
     )
     return Fanout(group, client, GatewayMetrics())  # type: ignore[arg-type]
 

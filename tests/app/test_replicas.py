@@ -19,10 +19,15 @@ from app.metrics import GatewayMetrics
 from app.replicas import HEDGE, ReplicaHealth, identity_mismatch
 from app.settings import GatewaySettings
 from app.upstream import Probe, ReplicaClient
+from protocol.spec import InputSpec, ModelSpec
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SHA = "a" * 64  # the gateway's bundle manifest
 OTHER_SHA = "b" * 64
+
+
+def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
 
 
 def _identity(model: str | list[str] = "m0", sha: str = SHA, planes: list[int] | None = None) -> dict:
@@ -114,7 +119,7 @@ async def test_a_refused_connection_is_down_not_missed():
 
 
 def _group(urls: dict[str, str], hedge_url: str | None = None) -> Group:
-    return Group("g", ["m0", "m1"], {"c": 0}, None, 2, [4, None], 10, [], urls, hedge_url, manifest_sha256=SHA)
+    return Group("g", ["m0", "m1"], {"c": 0}, None, 2, [4, None], _spec(10), urls, hedge_url, manifest_sha256=SHA)
 
 
 def _health(threshold: int = 3, hedge: bool = False) -> ReplicaHealth:

@@ -9,13 +9,18 @@ from app.fanout import Update
 from app.group import Group
 from app.responses import render
 from app.sse import response_body
+from protocol.spec import InputSpec, ModelSpec
 from protocol.v2 import InferRequest, RequestedOutput
 
 IMAGES = np.zeros((1, 1, 28, 28), np.float32)
 
 
+def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
+
+
 def _group() -> Group:
-    return Group("g", ["a", "b"], {"c": 0}, np.array([[0.5, 0.5]]), 2, [4, None], 2, ["x", "y"], {})
+    return Group("g", ["a", "b"], {"c": 0}, np.array([[0.5, 0.5]]), 2, [4, None], _spec(2, ("x", "y")), {})
 
 
 def _event(keep_update: bool) -> Event:

@@ -8,10 +8,15 @@ from app.decoding import Answer
 from app.fanout import Update
 from app.group import Group
 from app.sse import format_event, preamble
+from protocol.spec import InputSpec, ModelSpec
+
+
+def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
 
 
 def _group() -> Group:
-    return Group("g", ["a", "b"], {"c": 0}, np.array([[0.5, 0.5]]), 2, [4, None], 2, ["x", "y"], {})
+    return Group("g", ["a", "b"], {"c": 0}, np.array([[0.5, 0.5]]), 2, [4, None], _spec(2, ("x", "y")), {})
 
 
 def test_event_has_id_event_and_a_v2_response_as_data():

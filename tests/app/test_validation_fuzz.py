@@ -15,6 +15,7 @@ from app.errors import BadRequestError
 from app.group import Group
 from app.settings import GatewaySettings
 from app.validation import parse
+from protocol.spec import InputSpec, ModelSpec
 
 PIXELS = 28 * 28
 JSON = st.recursive(
@@ -24,10 +25,16 @@ JSON = st.recursive(
 )
 
 
+def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
+
+
 @pytest.fixture(scope="module")
 def group() -> Group:
     members = ["member-0", "member-1", "member-2"]
-    return Group("fashion", members, {"coded": 0}, np.full((1, 3), 1 / 3), 2, [4, None], 10, list("abcdefghij"), {})
+    return Group(
+        "fashion", members, {"coded": 0}, np.full((1, 3), 1 / 3), 2, [4, None], _spec(10, tuple("abcdefghij")), {}
+    )
 
 
 def check(body: bytes, group: Group) -> None:

@@ -22,7 +22,6 @@ from app import launcher
 @pytest.fixture(scope="session")
 def coded_bundle(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle plus a COIN coded model (r = 1), as `coinserve code` would add it."""
-    import torch
 
     from models.bundle import open_bundle
     from models.coded import Ingredients, build_coded, members_of, write_coded
@@ -32,7 +31,7 @@ def coded_bundle(tiny_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
     bundle = open_bundle(path)
     ingredients = Ingredients(bundle, members_of(bundle), calibration_images=200)
     test = load_split("test").head(100)
-    write_coded(bundle, build_coded(ingredients, "coin", 3, 1), torch.from_numpy(test.images), test.labels)
+    write_coded(bundle, build_coded(ingredients, "coin", 3, 1), test)
     return path
 
 

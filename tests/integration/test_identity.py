@@ -32,7 +32,6 @@ FAST_HEALTH = {"COINSERVE_HEALTH_INTERVAL_S": "0.3", "COINSERVE_HEALTH_BACKOFF_M
 @pytest.fixture(scope="module")
 def other_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Bundle B: the tiny bundle's recipe with another seed, plus its COIN coded model."""
-    import torch
 
     from models.bundle import open_bundle
     from models.coded import Ingredients, build_coded, members_of, write_coded
@@ -45,7 +44,7 @@ def other_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = open_bundle(out)
     test = load_split("test").head(100)
     ingredients = Ingredients(bundle, members_of(bundle), calibration_images=200)
-    write_coded(bundle, build_coded(ingredients, "coin", 3, 1), torch.from_numpy(test.images), test.labels)
+    write_coded(bundle, build_coded(ingredients, "coin", 3, 1), test)
     return out
 
 

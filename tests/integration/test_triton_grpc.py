@@ -123,3 +123,12 @@ def test_stream_carries_the_sse_event_sequence_coarse_to_one_final(client, publi
     assert seqs == list(range(1, len(results) + 1))
     assert results[0].get_response().parameters["resolution"].int64_param == 0
     assert int(np.argmax(results[-1].as_numpy("ensemble"))) == int(np.argmax(sse[-1]["data"]["outputs"][-1]["data"]))
+
+
+def test_the_classification_extension_over_grpc(client, public):
+    """`class_count=2` over gRPC: BYTES "score:index:label" strings, best first."""
+    expected = exact_json(public, 1)["ensemble"][0]
+    result = exact_infer(client, 1, outputs=[grpcclient.InferRequestedOutput("ensemble", class_count=2)])
+    top = [e.decode().split(":", 2) for e in result.as_numpy("ensemble")[0]]
+    assert [int(index) for _, index, _ in top] == list(np.argsort(-expected, kind="stable")[:2])
+    np.testing.assert_allclose([float(score) for score, _, _ in top], np.sort(expected)[::-1][:2], atol=1e-5)

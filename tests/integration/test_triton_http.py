@@ -111,3 +111,20 @@ def test_triton_parameters_are_understood_and_unknown_ones_named(client):
     with pytest.raises(InferenceServerException) as refused:
         triton_infer(client, 1, parameters={"temperature": 1})
     assert refused.value.status() == "400" and "temperature" in refused.value.message()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_classification_extension_gives_the_top_classes_with_labels(client, public, binary):
+    """`class_count=3` (Triton's classification extension): the top three classes of the ensemble,
+    best first, as "score:index:label" strings with the bundle's labels."""
+    expected = exact_json(public, 2)["ensemble"]
+    result = triton_infer(client, 2, outputs=[httpclient.InferRequestedOutput("ensemble", binary, class_count=3)])
+    top = result.as_numpy("ensemble")
+    assert top.shape == (2, 3)
+    labels = httpx.get(f"{public.service.url}/v2/models/fashion", timeout=10).json()["parameters"]["labels"]
+    for row, probs in zip(top, expected, strict=True):
+        entries = [(e.decode() if isinstance(e, bytes) else e).split(":", 2) for e in row]
+        indices = [int(index) for _, index, _ in entries]
+        assert indices == list(np.argsort(-probs, kind="stable")[:3])
+        assert [label for _, _, label in entries] == [labels[i] for i in indices]
+        np.testing.assert_allclose([float(score) for score, _, _ in entries], probs[indices], atol=1e-5)

@@ -5,24 +5,35 @@ import json
 import pytest
 import torch
 
-from models.bundle import FORMAT, open_bundle, save_model, write_manifest
+from models.bundle import FORMAT, FORMAT_V1, open_bundle, save_model, write_manifest
 from models.errors import BundleError, BundleHashError
+from models.layers import describe
 from models.networks import MLPConfig, build_mlp, config_to_dict
 
 
-@pytest.fixture
-def bundle_dir(tmp_path):
+@pytest.fixture(params=["v2", "v1"])
+def bundle_dir(tmp_path, request):
+    """A two-member bundle; v1: the manifest of `coinserve train` before layer lists (it still loads)."""
     cfg = MLPConfig(hidden=(8,))
     torch.manual_seed(0)
     members = [build_mlp(cfg) for _ in range(2)]
-    manifest = {
-        "format": FORMAT,
-        "architecture": "mlp",
-        "config": config_to_dict(cfg),
-        "members": [{"name": f"member-{i}", **save_model(tmp_path, f"member-{i}", m)} for i, m in enumerate(members)],
-        "coded": [],
-    }
-    write_manifest(tmp_path, manifest)
+    entries = [{"name": f"member-{i}", **save_model(tmp_path, f"member-{i}", m)} for i, m in enumerate(members)]
+    if request.param == "v1":
+        contract = {
+            "format": FORMAT_V1,
+            "architecture": "mlp",
+            "config": config_to_dict(cfg),
+            "dataset": {"name": "fashion-mnist", "classes": list("abcdefghij"), "input_shape": [1, 28, 28]},
+        }
+    else:
+        contract = {
+            "format": FORMAT,
+            "name": "g",
+            "input": {"name": "input", "shape": [1, 28, 28], "datatype": "FP32"},
+            "output": {"classes": 10},
+            "layers": describe(members[0]),
+        }
+    write_manifest(tmp_path, {**contract, "members": entries, "coded": []})
     return tmp_path, members
 
 
@@ -77,5 +88,5 @@ def test_unknown_model_name_lists_the_known_ones(bundle_dir):
 def test_wrong_format_is_refused(bundle_dir):
     folder, _ = bundle_dir
     (folder / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(BundleError, match="not a coinserve-bundle/1 manifest"):
+    with pytest.raises(BundleError, match="not a manifest of coinserve-bundle/1 or coinserve-bundle/2"):
         open_bundle(folder)

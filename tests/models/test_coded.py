@@ -43,10 +43,9 @@ def test_coin_reuses_the_fishers_across_k(ingredients):
 def test_written_coded_models_verify_and_replace_older_ones(ingredients):
     bundle = ingredients.bundle
     test = load_split("test").head(100)
-    images = torch.from_numpy(test.images)
-    write_coded(bundle, build_coded(ingredients, "coin", 3, 2), images, test.labels)
+    write_coded(bundle, build_coded(ingredients, "coin", 3, 2), test)
     assert (bundle.path / "coded-coin-1.safetensors").exists()
-    entries = write_coded(bundle, build_coded(ingredients, "coin", 3, 1), images, test.labels)
+    entries = write_coded(bundle, build_coded(ingredients, "coin", 3, 1), test)
     reopened = open_bundle(bundle.path)  # verifies every hash
     assert [e["name"] for e in reopened.coded] == ["coded-coin-0"] == [e["name"] for e in entries]
     entry = reopened.coded[0]
@@ -58,18 +57,14 @@ def test_written_coded_models_verify_and_replace_older_ones(ingredients):
 
 def test_parity_model_learns_the_mixture(ingredients):
     members = ingredients.members
-    train, _ = ingredients.splits()
-    train = train.head(1500)
-    images = torch.from_numpy(train.images[:300])
+    train = ingredients.data().unlabelled[:1500]
+    images = torch.from_numpy(train[:300])
     row = coefficients(3, 1)[0]
     target = mixture_targets(members, images, row)
     bundle = ingredients.bundle
-    from models.networks import build, config_from_dict
-
-    cfg = config_from_dict(bundle.architecture, bundle.manifest["config"])
     torch.manual_seed(0)
-    fresh = build(bundle.architecture, cfg).eval()
-    model, seconds = train_parity(bundle.architecture, cfg, members, train, row, epochs=2)
+    fresh = bundle.new_model().eval()
+    model, seconds = train_parity(bundle.new_model, members, train, row, epochs=2)
     with torch.no_grad():
         before = torch.mean((torch.softmax(fresh(images), 1) - target) ** 2)
         after = torch.mean((torch.softmax(model(images), 1) - target) ** 2)

@@ -41,10 +41,10 @@ def no_test_split(monkeypatch):
 
 
 def test_the_guard_really_trips(no_test_split):
-    import models.coding_eval
+    import models.sources
 
     with pytest.raises(SplitGuardError):
-        models.coding_eval.load_split("test")
+        models.sources.load_split("test")
 
 
 def test_coding_method_is_chosen_without_reading_test(tiny_bundle_dir, no_test_split):

@@ -24,6 +24,7 @@ def test_training_writes_a_verified_bundle(tiny_bundle):
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert sorted(p.name for p in out.iterdir()) == [
         "base.safetensors",
+        "examples.safetensors",
         "manifest.json",
         "member-0.safetensors",
         "member-1.safetensors",

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from protocol.grpc_service import DESCRIPTOR_SET, METHODS, PROTO, message, parameter_value, set_parameter, to_v2
+from protocol.spec import InputSpec
 from protocol.v2 import parse_infer
 
 
@@ -51,7 +52,9 @@ def test_a_grpc_request_becomes_the_binary_rest_request():
     request.parameters["deadline_ms"].int64_param = 50
     request.outputs.add(name="ensemble")
     body, length = to_v2(request)
-    parsed = parse_infer(body, length, 64, ("members", "deadline_ms"), ["a", "b", "ensemble"])
+    parsed = parse_infer(
+        body, length, 64, ("members", "deadline_ms"), InputSpec("input", (1, 28, 28)), ["a", "b", "ensemble"]
+    )
     assert np.array_equal(parsed.images.reshape(2, 784), x) and parsed.request_id == "rid"
     assert parsed.parameters == {"members": ["a", "b"], "deadline_ms": 50}
     assert [o.name for o in parsed.outputs or ()] == ["ensemble"]

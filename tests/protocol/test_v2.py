@@ -4,6 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
+from protocol.spec import InputSpec
 from protocol.v2 import (
     ProtocolError,
     RequestedOutput,
@@ -15,6 +16,8 @@ from protocol.v2 import (
     parse_response,
 )
 
+SPEC = InputSpec("input", (1, 28, 28))
+
 
 def _json(shape: list[int], data: list, **extra) -> bytes:
     return orjson.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}], **extra})
@@ -22,20 +25,20 @@ def _json(shape: list[int], data: list, **extra) -> bytes:
 
 @pytest.mark.parametrize("shape", [[2, 1, 28, 28], [2, 28, 28], [2, 784]])
 def test_every_accepted_shape_becomes_images(shape):
-    images, params, rid = parse_request(_json(shape, [0.5] * 1568, id="x"), None, 64, ())
+    images, params, rid = parse_request(_json(shape, [0.5] * 1568, id="x"), None, 64, (), SPEC)
     assert images.shape == (2, 1, 28, 28) and images.dtype == np.float32 and rid == "x" and params == {}
 
 
 def test_binary_extension_round_trips():
     x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
-    body, length = encode_binary_request(x, {"stream": True}, "rid")
-    images, params, rid = parse_request(body, length, 64, ("stream",))
+    body, length = encode_binary_request(x, {"stream": True}, "input", "rid")
+    images, params, rid = parse_request(body, length, 64, ("stream",), SPEC)
     assert np.array_equal(images, x) and params == {"stream": True} and rid == "rid"
 
 
 def test_nested_data_is_accepted():
     nested = [[0.1] * 784]
-    images, _, _ = parse_request(_json([1, 784], nested), None, 64, ())
+    images, _, _ = parse_request(_json([1, 784], nested), None, 64, (), SPEC)
     assert images.shape == (1, 1, 28, 28)
 
 
@@ -57,18 +60,18 @@ def test_nested_data_is_accepted():
 )
 def test_malformed_requests_name_the_problem(body, message):
     with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        parse_request(body, None, 64, ())
+        parse_request(body, None, 64, (), SPEC)
 
 
 def test_binary_size_must_match_the_shape():
-    body, length = encode_binary_request(np.zeros((1, 1, 28, 28), np.float32), {})
+    body, length = encode_binary_request(np.zeros((1, 1, 28, 28), np.float32), {}, "input")
     with pytest.raises(ProtocolError, match="needs 3136"):
-        parse_request(body[:-4], length, 64, ())
+        parse_request(body[:-4], length, 64, (), SPEC)
 
 
 def test_header_length_beyond_the_body_is_refused():
     with pytest.raises(ProtocolError, match="does not fit"):
-        parse_request(b"{}", 10, 64, ())
+        parse_request(b"{}", 10, 64, (), SPEC)
 
 
 def test_response_round_trip_and_garbage_refusal():
@@ -103,18 +106,18 @@ def test_triton_parameters_are_understood_or_knowingly_ignored():
         [0.0] * 784,
         parameters={"binary_data_output": True, "priority": 1, "timeout": 10, "sequence_id": 3, "deadline_ms": 5},
     )
-    parsed = parse_infer(body, None, 64, ("deadline_ms",))
+    parsed = parse_infer(body, None, 64, ("deadline_ms",), SPEC)
     assert parsed.binary_output is True and parsed.outputs is None and parsed.parameters == {"deadline_ms": 5}
 
 
 def test_an_undefined_parameter_is_named():
     with pytest.raises(ProtocolError, match=r"unknown parameters: \['temperature'\]"):
-        parse_infer(_json([1, 784], [0.0] * 784, parameters={"temperature": 1}), None, 64, ())
+        parse_infer(_json([1, 784], [0.0] * 784, parameters={"temperature": 1}), None, 64, (), SPEC)
 
 
 def test_requested_outputs_keep_their_order_and_binary_flags():
     outputs = [{"name": "b", "parameters": {"binary_data": True}}, {"name": "a"}]
-    parsed = parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), ["a", "b"])
+    parsed = parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), SPEC, ["a", "b"])
     assert parsed.outputs == [RequestedOutput("b", True), RequestedOutput("a", False)]
 
 
@@ -123,26 +126,31 @@ def test_requested_outputs_keep_their_order_and_binary_flags():
     [
         ([{"name": "logits"}], r"unknown output 'logits'; outputs are \['a', 'b'\]"),
         ([{"name": "a"}, {"name": "a"}], "asked for twice"),
-        ([{"name": "a", "parameters": {"classification": 3}}], "classification extension is not supported"),
+        ([{"name": "a", "parameters": {"classification": 0}}], "classification must be a positive integer"),
+        ([{"name": "a", "parameters": {"classification": "3"}}], "classification must be a positive integer"),
         ([{"name": "a", "parameters": {"binary_data": "yes"}}], "binary_data must be true or false"),
         ([{"name": "a", "parameters": {"colour": 1}}], "unknown parameter 'colour'"),
     ],
 )
 def test_bad_requested_outputs_are_named(outputs, match):
     with pytest.raises(ProtocolError, match=match):
-        parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), ["a", "b"])
+        parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), SPEC, ["a", "b"])
 
 
 def test_binary_input_checks_its_declared_size_and_header():
     body, length = _binary_header()
-    assert parse_infer(body, length, 64, ()).images.shape == (1, 1, 28, 28)
+    assert parse_infer(body, length, 64, (), SPEC).images.shape == (1, 1, 28, 28)
     with pytest.raises(ProtocolError, match="needs the Inference-Header-Content-Length header"):
-        parse_infer(body[:length], None, 64, ())
+        parse_infer(body[:length], None, 64, (), SPEC)
     shm = orjson.dumps(
-        {"inputs": [{"name": "i", "shape": [1, 784], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}
+        {
+            "inputs": [
+                {"name": "input", "shape": [1, 784], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}
+            ]
+        }
     )
     with pytest.raises(ProtocolError, match="shared memory is not supported"):
-        parse_infer(shm, None, 64, ())
+        parse_infer(shm, None, 64, (), SPEC)
 
 
 def test_binary_outputs_follow_the_json_header():
@@ -159,3 +167,24 @@ def test_binary_outputs_follow_the_json_header():
     assert head["outputs"][1]["data"] == [1.0] * 4
     assert np.array_equal(np.frombuffer(body[length:], "<f4").reshape(2, 2), a)
     assert encode_outputs({"model_name": "m"}, [("b", b, False)])[1] is None
+
+
+def test_the_classification_extension_names_the_top_classes():
+    from protocol.v2 import classification, encode_outputs, tensor_bytes
+
+    outputs = [{"name": "a", "parameters": {"classification": 2}}]
+    parsed = parse_infer(_json([1, 784], [0.0] * 784, outputs=outputs), None, 64, (), SPEC, ["a", "b"])
+    assert parsed.outputs == [RequestedOutput("a", False, 2)]
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    top = classification(probs, 2, ["x", "y", "z"])
+    assert top.tolist() == [["0.700000:1:y", "0.200000:2:z"], ["0.500000:0:x", "0.300000:2:z"]]
+    assert classification(probs, 5).tolist()[0] == ["0.700000:1", "0.200000:2", "0.100000:0"]
+    body, length = encode_outputs({}, [("a", top, False)])
+    assert length is None and orjson.loads(body)["outputs"][0] == {
+        "name": "a",
+        "datatype": "BYTES",
+        "shape": [2, 2],
+        "data": top.ravel().tolist(),
+    }
+    raw = tensor_bytes(top[:1, :1])
+    assert raw == len(b"0.700000:1:y").to_bytes(4, "little") + b"0.700000:1:y"
