@@ -51,7 +51,7 @@ class Group:
             "name": self.name,
             "versions": [self.version],
             "platform": "coinserve",
-            "inputs": [{**self.spec.input.to_dict(), "shape": [-1, *self.spec.input.shape]}],
+            "inputs": [self.spec.input.metadata()],
             "outputs": [{"name": m, "datatype": "FP32", "shape": [-1, self.classes]} for m in self.outputs],
             "parameters": {
                 "members": self.members,

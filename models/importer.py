@@ -36,7 +36,7 @@ from models.data import Split
 from models.errors import ImportSpecError
 from models.layers import build_sequential, check_layers, check_state, normalise, output_shape
 from models.sources import DATA_FILE, EXAMPLES_FILE, split_eval
-from protocol.spec import FORMAT, SpecError, group_name, input_spec, labels_and_classes
+from protocol.spec import FORMAT, InputSpec, SpecError, group_name, input_spec, labels_and_classes
 
 PICKLES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 SAVE_HINT = (
@@ -51,7 +51,7 @@ FOLD_TOLERANCE = 1e-4  # the folded network's probabilities may differ from the 
 
 @dataclass(frozen=True)
 class Spec:
-    input: Any  # protocol.spec.InputSpec
+    input: InputSpec
     classes: int
     labels: tuple[str, ...]
     layers: list[dict[str, Any]] | None  # None: an ONNX import without layers in its spec
@@ -65,6 +65,9 @@ class Member:
     kind: str  # "safetensors" | "onnx"
     layers: list[dict[str, Any]]  # as imported (batch norms and dropouts still in)
     state: dict[str, torch.Tensor]
+    source_sha256: str  # of the file as given, recorded in the manifest
+    onnx_input: InputSpec | None = None  # an ONNX member's graph input ...
+    onnx_classes: int = 0  # ... and class count
 
 
 def parse_spec(value: Any, where: str, need_layers: bool = True) -> Spec:
@@ -138,7 +141,7 @@ def read_state_member(name: str, path: Path, spec: Spec) -> Member:
     assert spec.layers is not None
     _check_dtypes(name, state)
     check_state(name, spec.layers, state)
-    return Member(name, path, "safetensors", spec.layers, state)
+    return Member(name, path, "safetensors", spec.layers, state, sha256_bytes(data))
 
 
 def _check_dtypes(name: str, state: dict[str, torch.Tensor]) -> None:
@@ -155,10 +158,8 @@ def read_onnx_member(name: str, path: Path) -> Member:
     if not path.is_file():
         raise ImportSpecError(f"member {name!r}: {path} not found")
     model = read_onnx(path, name)
-    spec_input = input_spec(model.input)
-    member = Member(name, path, "onnx", model.layers, model.state)
-    member.onnx_input, member.onnx_classes = spec_input, model.classes  # type: ignore[attr-defined]
-    return member
+    digest = sha256_bytes(_read(name, path))
+    return Member(name, path, "onnx", model.layers, model.state, digest, input_spec(model.input), model.classes)
 
 
 def read_array(path: Path, what: str, floats: bool = True) -> np.ndarray:
@@ -218,11 +219,12 @@ def _member_names(pairs: Sequence[tuple[str, Path]]) -> None:
 
 def _onnx_spec(members: list[Member], given: Spec | None) -> Spec:
     first = members[0]
-    spec_input, classes = first.onnx_input, first.onnx_classes  # type: ignore[attr-defined]
+    spec_input, classes = first.onnx_input, first.onnx_classes
+    assert spec_input is not None
     for member in members[1:]:
         if member.layers != first.layers:
             raise ImportSpecError(f"member {member.name!r}: its ONNX graph's layers differ from {first.name!r}'s")
-        if member.onnx_input != spec_input:  # type: ignore[attr-defined]
+        if member.onnx_input != spec_input:
             raise ImportSpecError(f"member {member.name!r}: its ONNX input differs from {first.name!r}'s")
     if given is None:
         return Spec(spec_input, classes, (), first.layers, None)
@@ -368,7 +370,7 @@ def _write(
             "source": {
                 "kind": member.kind,
                 "file": member.source.name,
-                "sha256": sha256_bytes(_read(member.name, member.source)),
+                "sha256": member.source_sha256,
             },
         }
         if test is not None:

@@ -46,6 +46,10 @@ class InputSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "datatype": self.datatype}
 
+    def metadata(self) -> dict[str, Any]:
+        """As OIP model metadata lists it: the batch dimension as -1."""
+        return {**self.to_dict(), "shape": [-1, *self.shape]}
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -194,7 +194,7 @@ def _requested(outputs: Any, output_names: Iterable[str] | None, binary_default:
         if not isinstance(binary, bool):
             raise ProtocolError(f"outputs[{i}].parameters.binary_data must be true or false")
         top = parameters.get("classification", 0)
-        if type(top) is not int or top < 1 and "classification" in parameters:
+        if "classification" in parameters and (type(top) is not int or top < 1):
             raise ProtocolError(f"outputs[{i}].parameters.classification must be a positive integer, got {top!r}")
         if any(r.name == name for r in requested):
             raise ProtocolError(f"outputs[{i}]: output {name!r} asked for twice")

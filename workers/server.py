@@ -189,7 +189,7 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
             {
                 "name": model,
                 "platform": "pytorch",
-                "inputs": [{**worker.spec.input.to_dict(), "shape": [-1, *worker.spec.input.shape]}],
+                "inputs": [worker.spec.input.metadata()],
                 "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, worker.spec.classes]}],
                 "parameters": {
                     "role": "coded" if "method" in entry else "member",
