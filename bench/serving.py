@@ -215,8 +215,10 @@ async def _numpy_round_trips(url: str, images: np.ndarray, kind: str, seconds: f
 def parse_cost_us(images: np.ndarray, repeats: int = 30) -> dict[str, float]:
     """The gateway's parser alone (protocol/v2.py `parse_infer`), JSON against binary, in this
     process: the best of `repeats` timings in µs (the minimum is what contention cannot inflate)."""
+    from protocol.spec import InputSpec
     from protocol.v2 import parse_infer
 
+    spec = InputSpec("input", tuple(images.shape[1:]))
     jbody = json_body(images)
     bbody, headers = binary_body(images)
     length = int(headers["Inference-Header-Content-Length"])
@@ -225,7 +227,7 @@ def parse_cost_us(images: np.ndarray, repeats: int = 30) -> dict[str, float]:
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            parse_infer(body, size, 64, ("deadline_ms",))
+            parse_infer(body, size, 64, ("deadline_ms",), spec)
             best = min(best, time.perf_counter() - start)
         out[f"{kind}_us"] = round(best * 1e6, 1)
     return out
