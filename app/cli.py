@@ -401,6 +401,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{args.port}"
     gateway = cluster.children[-1]
     print(f"\ncoinserve is up: gateway {base} (group {group!r}, pid {gateway.process.pid}), metrics {base}/metrics")
+    print(f"  console: open {base}/ in a browser (the bundle's examples, answers as they refine, the replicas)")
     if args.grpc_port:
         print(f"  gRPC (OIP v2 GRPCInferenceService) on 127.0.0.1:{args.grpc_port}")
     for child in cluster.children[:-1]:

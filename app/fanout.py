@@ -26,7 +26,8 @@ from app.group import Group
 from app.hedging import LatencyTracker
 from app.metrics import GatewayMetrics
 from app.patience import Patience
-from app.replicas import ReplicaHealth
+from app.replicas import HEDGE, ReplicaHealth
+from app.status import Activity
 from app.upstream import ReplicaClient
 from protocol.v2 import ProtocolError, encode_binary_request, parse_response
 
@@ -83,6 +84,7 @@ class Fanout:
         self.decoder = group.decoder()
         self.latency = LatencyTracker(quantile=group.hedge_quantile)
         self.load = ReplicaLoad()
+        self.activity = Activity()  # what the console shows: recent calls, decode counts
         settings = client.settings
         self.patient = settings.decode_policy == "patient"
         self.patience = Patience(
@@ -155,6 +157,7 @@ class _Call:
         load = self.fanout.load
         load.started(name)
         ok = False
+        replica = name if url == self.group.urls.get(name) else HEDGE  # as the console lists it
         try:
             async for line in self.fanout.client.stream(name, url, name, self.body, self.header_length, self.lines):
                 try:
@@ -168,14 +171,19 @@ class _Call:
             ok = True
         except ReplicaError as exc:
             self.fanout.metrics.replica_errors.labels(name, exc.kind).inc()
+            self.fanout.activity.error(replica)
             if exc.kind == "unreachable" and self.fanout.health is not None and url == self.group.urls.get(name):
                 self.fanout.health.mark_unreachable(name)
+            raise
+        except asyncio.CancelledError:  # its answer was no longer needed (decoded, final, deadline, client gone)
+            self.fanout.activity.cut(replica, time.perf_counter() - start)
             raise
         finally:
             load.finished(name, completed=ok)
         elapsed = time.perf_counter() - start
         self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
-        if url == self.group.urls.get(name):
+        self.fanout.activity.call(replica, elapsed)
+        if replica == name:
             self.fanout.latency.record(name, elapsed)
             if name in self.group.members:
                 self.fanout.patience.record(name, elapsed)

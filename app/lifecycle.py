@@ -133,6 +133,7 @@ class Lifecycle:
         low = update.resolution < self.gw.group.resolutions - 1
         if decoded or low:
             m.approximate.labels("low_resolution" if low else "decoded").inc()
+        self.gw.fanout.activity.final(decoded, approximate=bool(decoded or low))
 
     async def close(self) -> None:
         """At shutdown: every running request ends with one `error` ("the gateway shut down")."""

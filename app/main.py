@@ -17,12 +17,13 @@ from prometheus_client import disable_created_metrics
 from app.access import AccessLogMiddleware
 from app.errors import install_handlers
 from app.eventlog import MemoryStore
+from app.examples import examples_body
 from app.fanout import Fanout
 from app.group import load_group
 from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.replicas import ReplicaHealth
-from app.routes import health, infer, requests
+from app.routes import console, health, infer, requests
 from app.rpc import start_server
 from app.settings import GatewaySettings
 from app.state import Gateway
@@ -37,6 +38,7 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
     drain = drain or threading.Event()
     disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = GatewayMetrics()
+    examples = examples_body(settings.bundle, group)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
@@ -44,7 +46,7 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
         health_checks = ReplicaHealth(group, client, metrics, drain)
         store = MemoryStore(settings.retention_s, settings.retention_max)
         fanout = Fanout(group, client, metrics, health_checks)
-        gateway = Gateway(settings, group, client, fanout, store, metrics, health_checks)
+        gateway = Gateway(settings, group, client, fanout, store, metrics, health_checks, examples=examples)
         await health_checks.check_all()
         await health_checks.start()
         trimmer = asyncio.create_task(trim_periodically(5.0), name="malloc-trim")
@@ -93,6 +95,7 @@ def _routes(app: FastAPI) -> None:
     app.include_router(health.router)
     app.include_router(infer.router)
     app.include_router(requests.router)
+    app.include_router(console.router)
 
 
 def openapi_document() -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Gateway:
     lag: LoopLag = field(default_factory=LoopLag)
     inflight: int = 0
     open_streams: int = 0
+    examples: bytes = b'{"examples": []}'  # the /v1/examples body (app/examples.py), encoded once
 
     def __post_init__(self) -> None:
         self.lifecycle = Lifecycle(self)

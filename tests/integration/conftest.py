@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from app import launcher
+from bench.browser import BrowserMissingError, chromium
 
 
 @pytest.fixture(scope="session")
@@ -207,3 +209,16 @@ def images_of(n: int = 1, seed: int = 0) -> np.ndarray:
     from models.data import load_split
 
     return np.ascontiguousarray(load_split("test").images[seed : seed + n], dtype=np.float32).reshape(n, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium under selenium (bench/browser.py), one per test module."""
+    try:
+        driver = chromium()
+    except BrowserMissingError as exc:
+        pytest.fail(f"{exc} (./dev.sh test installs them)")
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -84,6 +84,29 @@ def test_workers_refuse_calls_without_the_gateway_secret(secured):
     assert httpx.get(f"{worker.url}/v2/health/ready", timeout=5).status_code == 200
 
 
+def test_the_console_asks_for_the_token_and_says_when_it_is_wrong(secured, browser):
+    """A real Chromium on the console: no token → it asks for one; a wrong one → an error that says
+    so (not a blank page); the right one → the examples, and an example's final answer."""
+    from tests.integration.test_console import attr, by_testid, final_of, wait
+
+    service, _ = secured
+    browser.get(service.url + "/")
+    wait(browser, lambda d: by_testid(d, "error").is_displayed())
+    assert "needs a token" in by_testid(browser, "error").text and by_testid(browser, "token-form").is_displayed()
+    by_testid(browser, "token-input").send_keys(TOKEN + "x")
+    by_testid(browser, "token-submit").click()
+    wait(browser, lambda d: "refused this token" in by_testid(d, "error").text)
+    assert by_testid(browser, "token-form").is_displayed()
+    by_testid(browser, "token-input").clear()
+    by_testid(browser, "token-input").send_keys(TOKEN)
+    by_testid(browser, "token-submit").click()
+    wait(browser, lambda d: attr(d, "replica-member-0", "data-ready") == "true")
+    assert not by_testid(browser, "error").is_displayed() and not by_testid(browser, "token-form").is_displayed()
+    by_testid(browser, "example-0").click()
+    text, state, _ = final_of(browser)
+    assert state in {"exact", "approximate"} and text
+
+
 def test_no_secret_reaches_a_log(secured):
     """Runs last: after every call above (debug logging on the gateway), grep every process's output."""
     service, logs = secured
