@@ -55,3 +55,13 @@ def test_python_examples(public, name):
         assert re.fullmatch(r"\[\d \d\] (True|False)", lines[0]), lines
     else:
         assert re.fullmatch(r"\[\d\]", lines[0]) and lines[1].startswith("coarse ") and lines[-1].startswith("final ")
+
+
+def test_the_grpc_example_ends_with_the_error_when_the_stream_reports_one(public):
+    """An error on the stream (here: a model the gateway does not serve; in CI once a refusal) ends
+    the script with that error instead of leaving it hung on the client's stream thread."""
+    code = example("python-grpc", public)
+    code = code.replace('client.async_stream_infer("fashion"', 'client.async_stream_infer("nosuch"')
+    assert '"nosuch"' in code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "no model group 'nosuch'" in out.stderr, out.stderr[-500:]
