@@ -38,7 +38,8 @@ import orjson
 from app import launcher
 from bench.browser import chromium
 from bench.loadgen import Body, closed_loop, percentiles
-from bench.serving import bootstrap_ci, machine
+from bench.serving import bootstrap_ci
+from models.machine import machine
 
 ARMS = ("none", "poll", "console")
 FINAL = "return document.querySelector('[data-testid=\"final-label\"]').dataset"

@@ -18,8 +18,8 @@ from typing import Any
 
 from app import launcher
 from bench.loadgen import closed_loop, json_body, percentiles
-from bench.serving import machine
 from models.data import load_split, train_validation
+from models.machine import machine
 
 SETTINGS: list[dict[str, str]] = [
     {"COINSERVE_DECODE_POLICY": "eager"},

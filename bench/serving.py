@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import tempfile
 import time
@@ -48,39 +47,9 @@ import orjson
 from app import launcher
 from bench.loadgen import Run, binary_body, closed_loop, json_body, open_loop, percentiles
 from models.data import load_split
+from models.machine import machine
 
 SECTIONS = ("overhead", "throughput", "deadline", "overload", "binary")
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The vector extensions that decide these figures (DESIGN §5)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
 
 
 def trivial_bundle(folder: Path) -> Path:

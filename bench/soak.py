@@ -35,9 +35,9 @@ import orjson
 
 from app import launcher
 from bench.loadgen import Sample, json_body, percentiles, send_one
-from bench.serving import machine
 from bench.tail import Straggler, schedule
 from models.data import load_split
+from models.machine import machine
 
 KINDS = ("json", "json+deadline", "sse+deadline")
 DEADLINE_MS = 1000.0

@@ -44,8 +44,8 @@ import orjson
 
 from app import launcher
 from bench.loadgen import Run, closed_loop, json_body, open_loop
-from bench.serving import machine
 from models.data import Split, load_split, train_validation
+from models.machine import machine
 
 MODES = ("wait-all", "hedge", "coded", "coded-eager", "coded+refine")
 POLICY = {"coded": "patient", "coded+refine": "patient", "coded-eager": "eager"}

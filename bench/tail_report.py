@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from models.evaluate import markdown_table
+from models.machine import FLAGS
 
 MODE_ORDER = ("wait-all", "hedge", "coded", "coded-eager", "coded+refine")  # as bench.tail.MODES
 BLOCK = 50  # requests per bootstrap block
@@ -435,7 +436,7 @@ def page_lines(
     stem: str,
 ) -> list[str]:
     m = settings["machine"]
-    flags = ", ".join(m.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_vnni/amx_int8"
+    flags = ", ".join(m.get("cpu_flags") or []) or "none of " + "/".join(FLAGS)
     per_point = settings["trials"] * settings["requests_per_trial"]
     text = [
         "# Tail latency under real stragglers",

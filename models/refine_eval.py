@@ -8,10 +8,10 @@ own optimised float32 forward (the plain `nn.Sequential` forward is reported bes
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from models.bitplanes import RefinementPlan
 from models.bundle import Bundle
 from models.evaluate import markdown_table
 from models.layered_sim import SimConfig, simulate
+from models.machine import FLAGS, machine
 from models.refine import RefinementEngine, activation_nbytes
 from models.sources import source
 
@@ -33,6 +34,8 @@ ROW_KEYS = (
     "step_ms",
     "cumulative_ms",
     "one_shot_ms",
+    "best_float32_ms",
+    "vs_best_float32",
 )
 
 
@@ -54,6 +57,22 @@ def _accuracies(engine: RefinementEngine, images: torch.Tensor, labels: np.ndarr
     return [float(np.mean(p == labels)) for p in preds], [float(np.mean(p == full)) for p in preds]
 
 
+def float32_passes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Plain PyTorch float32 one-shot passes to compare with: as the model is, and channels_last."""
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x_last = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def plain() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    def channels_last() -> object:
+        with torch.no_grad():
+            return last(x_last)
+
+    return {"plain_pytorch": plain, "plain_pytorch_channels_last": channels_last}
+
+
 def timing_rows(
     engine: RefinementEngine,
     images: torch.Tensor,
@@ -61,20 +80,32 @@ def timing_rows(
     agreement: list[float],
     batch: int,
     repeats: int,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Direct strategy rows, plus the incremental strategy's and plain PyTorch's times for the docs."""
+    model: torch.nn.Module | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Direct strategy rows, plus the incremental strategy's times for the docs. Every float32
+    one-shot pass (the engine's; plain PyTorch as is and channels_last, given `model`) is timed in
+    the same interleaved loop; `best_float32_ms` is the fastest of them, the one ratios are to."""
     x = images[:batch]
     steps = engine.plan.resolutions
+    others = float32_passes(model, x) if model is not None else {}
     for _ in range(5):  # warm-up: allocator, kernels, caches
         for r in range(steps):
             engine.forward(x, r)
+        for run in others.values():
+            run()
     direct: list[list[float]] = [[] for _ in range(steps)]
     one_shot: list[float] = []
+    other_ms: dict[str, list[float]] = {name: [] for name in others}
     for _ in range(repeats):
         for r in range(steps):
             direct[r].append(_median_ms(lambda r=r: engine.forward(x, r), 1))  # type: ignore[misc]
         one_shot.append(_median_ms(lambda: engine.forward(x, steps - 1), 1))
+        for name, run in others.items():
+            other_ms[name].append(_median_ms(run, 1))
     one = statistics.median(one_shot)
+    passes = {"engine_float32": one, **{name: statistics.median(v) for name, v in other_ms.items()}}
+    best_name = min(passes, key=passes.__getitem__)
+    best = passes[best_name]
     rows, cumulative = [], 0.0
     for r in range(steps):
         step = statistics.median(direct[r])
@@ -93,12 +124,18 @@ def timing_rows(
                         round(step, 3),
                         round(cumulative, 3),
                         round(one, 3),
+                        round(best, 3),
+                        round(cumulative / best, 3),
                     ),
                     strict=True,
                 )
             )
         )
-    extras = {"incremental_" + str(r): ms for r, ms in enumerate(_incremental_ms(engine, x, max(3, repeats // 4)))}
+    extras: dict[str, Any] = {
+        "incremental_" + str(r): ms for r, ms in enumerate(_incremental_ms(engine, x, max(3, repeats // 4)))
+    }
+    extras.update({f"{name}_one_shot": ms for name, ms in passes.items()})
+    extras["best_float32"] = best_name
     return rows, extras
 
 
@@ -184,17 +221,24 @@ def evaluate_refinement(
     model = bundle.build_model(model_name)
     test = source(bundle).test_split()
     images = torch.from_numpy(test.images)
-    report: dict[str, Any] = {"model": model_name, "plans": {}}
+    report: dict[str, Any] = {
+        "machine": {
+            **machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "quantized_engines": list(torch.backends.quantized.supported_engines),
+        },
+        "model": model_name,
+        "plans": {},
+    }
     for name, plan in plans.items():
         engine = RefinementEngine(model, plan)
         accuracy, agreement = _accuracies(engine, images, test.labels)
         rows, extras = [], {}
         for batch in batches:
-            batch_rows, batch_extras = timing_rows(engine, images, accuracy, agreement, batch, repeats)
+            batch_rows, batch_extras = timing_rows(engine, images, accuracy, agreement, batch, repeats, model)
             rows += batch_rows
-            extras[str(batch)] = {k: round(v, 3) for k, v in batch_extras.items()}
-            plain = partial(model, images[:batch])
-            extras[str(batch)]["plain_pytorch_one_shot"] = round(_median_ms(plain, repeats), 3)
+            extras[str(batch)] = {k: round(v, 3) if isinstance(v, float) else v for k, v in batch_extras.items()}
             log(f"plan {name}: batch {batch} timed")
         state, _ = engine.begin(images[:1])
         step64 = [r["step_ms"] for r in rows if r["batch"] == max(batches)]
@@ -205,6 +249,7 @@ def evaluate_refinement(
             "state_bytes_per_request": state.nbytes(),
             "activation_bytes_per_request": activation_nbytes(engine, images[:1]),
             "adaptive": adaptive_rows(engine, images, test.labels, margins, step64),
+            "first_within_5_points": first_within(rows, max(batches), 0.05),
         }
         state.release()
     report["ladder"] = ladder_accuracy(model, images, test.labels)
@@ -215,14 +260,49 @@ def evaluate_refinement(
     return report
 
 
+def first_within(rows: list[dict[str, Any]], batch: int, points: float) -> dict[str, Any] | None:
+    """The first resolution whose accuracy is within `points` of the full model's, at `batch`: its
+    cumulative time and its ratio to the best float32 one-shot pass of the same run."""
+    at = [r for r in rows if r["batch"] == batch]
+    full = at[-1]["accuracy"]
+    first = next((r for r in at if r["accuracy"] >= full - points), None)
+    if first is None:
+        return None
+    keys = ("batch", "resolution", "planes", "accuracy", "cumulative_ms", "best_float32_ms", "vs_best_float32")
+    return {k: first[k] for k in keys}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    parts = []
+    m = report.get("machine", {})
+    flags = ", ".join(m.get("cpu_flags") or []) or "none of " + "/".join(FLAGS)
+    parts = [
+        f"Machine: {m.get('cpu', '?')}, flags {flags}, {m.get('threads', '?')} torch threads, torch "
+        f"{m.get('torch', '?')}, quantized engines {m.get('quantized_engines', '?')} (none used yet: every "
+        "resolution runs in float32).\n"
+    ]
     for name, section in report["plans"].items():
         parts.append(f"### Plan `{name}`: planes {section['plan']['planes']} then float32\n")
         parts.append(markdown_table(section["rows"], ROW_KEYS))
+        first = section.get("first_within_5_points")
+        if first is not None:
+            parts.append(
+                f"\nFirst resolution within 5 points of full (batch {first['batch']}): resolution "
+                f"{first['resolution']} ({first['planes']} planes), {first['cumulative_ms']} ms = "
+                f"**{first['vs_best_float32']}×** the best float32 one-shot pass ({first['best_float32_ms']} ms)."
+            )
+        timings = section["incremental_ms"].items()
         parts.append(
             "\nIncremental strategy (begin, then each upgrade), ms: "
-            + ", ".join(f"batch {b}: {v}" for b, v in section["incremental_ms"].items())
+            + ", ".join(f"batch {b}: {[v for k, v in t.items() if k.startswith('incremental_')]}" for b, t in timings)
+        )
+        parts.append(
+            "\nFloat32 one-shot passes timed in the same loop, ms: "
+            + "; ".join(
+                f"batch {b}: "
+                + ", ".join(f"{k.removesuffix('_one_shot')} {v}" for k, v in t.items() if k.endswith("_one_shot"))
+                + f" (best: {t['best_float32']})"
+                for b, t in timings
+            )
         )
         ratio = section["state_bytes_per_request"] / section["activation_bytes_per_request"]
         state = section["state_bytes_per_request"]

@@ -220,7 +220,7 @@ def test_a_paused_member_is_decoded_and_its_replica_goes_down(browser, public: P
         assert state == "approximate", by_testid(browser, "answer-meta").text
         assert attr(browser, f"member-{PAUSED}", "data-state") == "decoded"
         assert attr(browser, "member-member-0", "data-state") == "exact"
-        window = httpx.get(f"{service.url}/v1/status", timeout=10).json()["health"]["window_s"] + 2
+        window = httpx.get(f"{service.url}/v1/status", timeout=10).json()["health"]["window_s"] + 5
         wait(browser, lambda d: attr(d, f"replica-{PAUSED}", "data-ready") == "false", timeout=window)
         down_after = time.monotonic() - started
         assert attr(browser, "replica-member-0", "data-ready") == "true"

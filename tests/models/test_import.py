@@ -331,7 +331,13 @@ def test_code_and_the_evaluations_run_on_an_imported_bundle(user_files, tmp_path
         )
         == 0
     )
-    assert json.loads((tmp_path / "r.json").read_text())["model"] == "member-0"
+    refinement = json.loads((tmp_path / "r.json").read_text())
+    assert refinement["model"] == "member-0"
+    assert refinement["machine"]["cpu"] and isinstance(refinement["machine"]["quantized_engines"], list)
+    for row in refinement["plans"]["served"]["rows"]:  # every ratio is to the best float32 pass of the run
+        assert row["best_float32_ms"] <= row["one_shot_ms"]
+        cumulative, best, half = row["cumulative_ms"], row["best_float32_ms"], 0.0005  # both rounded to 3 decimals
+        assert (cumulative - half) / (best + half) <= row["vs_best_float32"] <= (cumulative + half) / (best - half)
 
 
 def test_without_a_labelled_set_code_works_and_evaluation_says_what_it_needs(user_files, tmp_path, capsys):

@@ -121,3 +121,19 @@ def test_adaptive_stop_skips_confident_rows_on_later_resolutions():
 def test_unsupported_layers_are_refused():
     with pytest.raises(RefinementError, match="supports"):
         RefinementEngine(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Sigmoid()), PLAN)
+
+
+def test_first_within_picks_the_first_resolution_close_enough_to_full():
+    from models.refine_eval import first_within
+
+    rows = [
+        {"batch": 1, "resolution": 0, "planes": 3, "accuracy": 0.10, "cumulative_ms": 1, "best_float32_ms": 2},
+        {"batch": 64, "resolution": 0, "planes": 3, "accuracy": 0.80, "cumulative_ms": 1.0, "best_float32_ms": 2.0},
+        {"batch": 64, "resolution": 1, "planes": 4, "accuracy": 0.86, "cumulative_ms": 2.5, "best_float32_ms": 2.0},
+        {"batch": 64, "resolution": 2, "planes": None, "accuracy": 0.90, "cumulative_ms": 4.5, "best_float32_ms": 2.0},
+    ]
+    for row in rows:
+        row["vs_best_float32"] = row["cumulative_ms"] / row["best_float32_ms"]
+    first = first_within(rows, 64, 0.05)
+    assert first is not None and first["resolution"] == 1 and first["vs_best_float32"] == 1.25
+    assert first_within(rows, 64, 0.0)["resolution"] == 2  # only the full model itself
