@@ -58,9 +58,10 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--preset",
-        choices=("default", "far"),
+        choices=("default", "far", "wide"),
         default="default",
-        help="default: 100 steps, lr 1e-4, alpha 0.5; far: members far apart (1000 steps, lr 3e-4, alpha 0.2)",
+        help="default: 100 steps, lr 1e-4, alpha 0.5; far: members far apart (1000 steps, lr 3e-4, alpha 0.2); "
+        "wide: a 4x wider CNN (64/128 channels, 512 hidden, 8 base epochs)",
     )
     p.add_argument("--epochs", type=int, default=None, help="base training epochs (default 6)")
     p.add_argument("--member-steps", type=int, default=None, help="fine-tuning steps per member (preset's)")
@@ -249,6 +250,7 @@ def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _cmd_eval_refinement(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from models.bitplanes import RefinementPlan
     from models.bundle import open_bundle
@@ -259,9 +261,12 @@ def _cmd_eval_refinement(args: argparse.Namespace) -> int:
     use_all_cores()
     keep_freed_memory()
     bundle = open_bundle(args.bundle)
-    plans = {"served": RefinementPlan.from_dict(bundle.manifest.get("refinement"))}
-    for text in args.plan:
-        plans[text] = RefinementPlan.parse(text)
+    served = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
+    plans = {"served": served}
+    if served.grid is not None:  # the same planes by float32 truncation: before/after in one run
+        plans["served, float32 kernels"] = replace(served, grid=None)
+    for text in args.plan:  # extra plans use the served activation grid, if any (int8 up to 6 planes)
+        plans[text] = replace(RefinementPlan.parse(text), grid=served.grid)
     report = evaluate_refinement(
         bundle,
         plans,

@@ -69,10 +69,20 @@ class RefinementPlan:
 
     planes: tuple[int, ...] = (4,)
     per_channel: bool = True
+    grid: tuple[int, ...] | None = None  # activation exponents per hidden layer: coarse resolutions in int8
 
     def __post_init__(self) -> None:
         if any(p < 1 for p in self.planes) or list(self.planes) != sorted(set(self.planes)):
             raise RefinementError(f"plan planes must be strictly increasing positive integers, got {self.planes}")
+        if self.grid is not None and not all(type(g) is int and -24 <= g <= 24 for g in self.grid):
+            raise RefinementError(f"plan grid must list integer exponents in -24..24, got {self.grid}")
+        if self.grid is not None and not self.per_channel:
+            raise RefinementError("an integer plan (grid) has per-channel weight exponents")
+
+    @property
+    def integer(self) -> bool:
+        """Coarse resolutions on int8 kernels (models/int8.py) where the model and planes allow."""
+        return self.grid is not None
 
     @property
     def resolutions(self) -> int:
@@ -86,13 +96,21 @@ class RefinementPlan:
         return self.planes[index] if index < len(self.planes) else FULL
 
     def to_dict(self) -> dict[str, Any]:
-        return {"planes": list(self.planes), "per_channel": self.per_channel, "final": "float32"}
+        out: dict[str, Any] = {"planes": list(self.planes), "per_channel": self.per_channel, "final": "float32"}
+        if self.grid is not None:
+            out["grid"] = list(self.grid)
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> RefinementPlan:
         if not values:
             return cls()
-        return cls(planes=tuple(int(p) for p in values["planes"]), per_channel=bool(values.get("per_channel", True)))
+        grid = values.get("grid")
+        return cls(
+            planes=tuple(int(p) for p in values["planes"]),
+            per_channel=bool(values.get("per_channel", True)),
+            grid=None if grid is None else tuple(int(g) for g in grid),
+        )
 
     @classmethod
     def parse(cls, text: str, per_channel: bool = True) -> RefinementPlan:

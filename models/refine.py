@@ -17,15 +17,21 @@ pass wins, because an incremental step costs two GEMMs per layer where a direct 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import int8
 from models.bitplanes import RefinementPlan, row_exponent, top_exponent, truncate
 from models.errors import RefinementError
+from models.int8 import IntResolution, max_pool_2x2 as _max_pool_2x2
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
 
@@ -85,14 +91,6 @@ def _is_plain_2x2(m: nn.Module) -> bool:
     )
 
 
-def _max_pool_2x2(h: torch.Tensor) -> torch.Tensor:
-    """2×2/2 max-pool as the max of four strided views: 0.49 ms against 3.2 ms for F.max_pool2d
-    on a (64, 16, 28, 28) NCHW tensor on the reference CPU; bit-identical (max is exact)."""
-    h = h[..., : h.shape[-2] // 2 * 2, : h.shape[-1] // 2 * 2]
-    top = torch.maximum(h[..., 0::2, 0::2], h[..., 0::2, 1::2])
-    return torch.maximum(top, torch.maximum(h[..., 1::2, 0::2], h[..., 1::2, 1::2]))
-
-
 @dataclass
 class IncrementalState:
     """Per-request state of the incremental engine: the input and every layer's cumulative output."""
@@ -120,9 +118,21 @@ class Step:
 
 
 class RefinementEngine:
-    """Serves one model at every resolution of a plan. Weights are truncated once, shared by requests."""
+    """Serves one model at every resolution of a plan. Weights are truncated once, shared by requests.
 
-    def __init__(self, model: nn.Module, plan: RefinementPlan) -> None:
+    With an integer plan (`plan.grid`), each coarse resolution the model and planes allow runs on int8
+    kernels (models/int8.py) with the engine `int8_engine` names, or the one `choose_engine` measures
+    fastest on `sample` when it is "auto"; None keeps every resolution in float32. `kernels` says
+    which ran each resolution; `engine_choice` how the engine was chosen.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: RefinementPlan,
+        int8_engine: str | None = "auto",
+        sample: torch.Tensor | None = None,
+    ) -> None:
         self.plan = plan
         self.ops = _compile(model)
         layers = [op.module for op in self.ops if op.kind in ("conv", "linear")]
@@ -132,6 +142,37 @@ class RefinementEngine:
             self.params.append([self._truncate_pair(w, b, planes) for w, b in float_params])
         self.params.append(float_params)
         self._fast = self._fast_ops()
+        self.integer: dict[int, IntResolution] = {}
+        self.engine_choice: dict[str, Any] = {}
+        if plan.grid is not None and int8_engine is not None:
+            self._use_integers(model, plan.grid, int8_engine, sample)
+        self.kernels = [
+            f"int8/{self.integer[i].engine}" if i in self.integer else "float32" for i in range(plan.resolutions)
+        ]
+
+    def _use_integers(self, model: nn.Module, grid: tuple[int, ...], engine: str, sample: torch.Tensor | None) -> None:
+        usable = [i for i, planes in enumerate(self.plan.planes) if int8.unsupported(model, planes) is None]
+        if not usable:
+            why = int8.unsupported(model, self.plan.planes[0])
+            self.engine_choice = {"engine": None, "reason": why}
+            logger.info("coarse resolutions stay in float32: %s", why)
+            return
+        if engine == "auto":
+            if sample is None:
+                raise RefinementError("choosing the int8 engine by measurement needs a sample batch")
+            chosen, measured = int8.choose_engine(model, self.plan.planes[usable[0]], grid, sample)
+            self.engine_choice = {"engine": chosen, "measured_ms": measured, "batch": len(sample)}
+            if chosen is None:
+                logger.warning(
+                    "no int8 engine reproduces the integer reference here (%s): float32 throughout", measured
+                )
+                return
+            logger.info("int8 engine %s chosen by measurement, median ms per pass: %s", chosen, measured)
+            engine = chosen
+        else:
+            self.engine_choice = {"engine": engine, "measured_ms": None}
+        for i in usable:
+            self.integer[i] = int8.IntResolution(model, self.plan.planes[i], grid, engine)
 
     def _truncate_pair(self, w: torch.Tensor, b: torch.Tensor, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -156,6 +197,14 @@ class RefinementEngine:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Logits (B, C) of resolution `index`, one direct pass (the fast path)."""
+        integer = self.integer.get(index)
+        if integer is not None:
+            return integer.forward(x)
+        return self.float_forward(x, index)
+
+    @torch.no_grad()
+    def float_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Resolution `index` by float32 truncation (every resolution of a plan without a grid)."""
         params = self.params[index]
         h = self.truncate_input(x, index)
         for op in self._fast:
@@ -168,7 +217,11 @@ class RefinementEngine:
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """The truncated model, as an ordinary NCHW forward pass in the model's own layer order."""
+        """What resolution `index` must equal: the integer reference (numpy) for an int8 resolution,
+        else the truncated model as an ordinary NCHW forward pass in the model's own layer order."""
+        integer = self.integer.get(index)
+        if integer is not None:
+            return torch.from_numpy(integer.reference_logits(x.numpy()))
         params = self.params[index]
         h = self.truncate_input(x, index)
         for op in self.ops:

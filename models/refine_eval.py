@@ -232,11 +232,14 @@ def evaluate_refinement(
         "plans": {},
     }
     for name, plan in plans.items():
-        engine = RefinementEngine(model, plan)
+        engine = RefinementEngine(model, plan, sample=images[: max(batches)])
+        log(f"plan {name}: resolutions on {engine.kernels}; int8 engine {engine.engine_choice or 'none'}")
         accuracy, agreement = _accuracies(engine, images, test.labels)
         rows, extras = [], {}
         for batch in batches:
             batch_rows, batch_extras = timing_rows(engine, images, accuracy, agreement, batch, repeats, model)
+            for row in batch_rows:
+                row["kernel"] = engine.kernels[row["resolution"]]
             rows += batch_rows
             extras[str(batch)] = {k: round(v, 3) if isinstance(v, float) else v for k, v in batch_extras.items()}
             log(f"plan {name}: batch {batch} timed")
@@ -244,6 +247,8 @@ def evaluate_refinement(
         step64 = [r["step_ms"] for r in rows if r["batch"] == max(batches)]
         report["plans"][name] = {
             "plan": plan.to_dict(),
+            "kernels": engine.kernels,
+            "int8_engine": engine.engine_choice or None,
             "rows": rows,
             "incremental_ms": extras,
             "state_bytes_per_request": state.nbytes(),
@@ -277,12 +282,19 @@ def markdown(report: dict[str, Any]) -> str:
     flags = ", ".join(m.get("cpu_flags") or []) or "none of " + "/".join(FLAGS)
     parts = [
         f"Machine: {m.get('cpu', '?')}, flags {flags}, {m.get('threads', '?')} torch threads, torch "
-        f"{m.get('torch', '?')}, quantized engines {m.get('quantized_engines', '?')} (none used yet: every "
-        "resolution runs in float32).\n"
+        f"{m.get('torch', '?')}, quantized engines {m.get('quantized_engines', '?')}.\n"
     ]
     for name, section in report["plans"].items():
         parts.append(f"### Plan `{name}`: planes {section['plan']['planes']} then float32\n")
-        parts.append(markdown_table(section["rows"], ROW_KEYS))
+        choice = section.get("int8_engine") or {}
+        if choice.get("engine"):
+            parts.append(
+                f"Kernels {section['kernels']}; int8 engine `{choice['engine']}`, chosen by measurement "
+                f"(median ms per pass at batch {choice.get('batch')}: {choice.get('measured_ms')}).\n"
+            )
+        elif choice:
+            parts.append(f"Every resolution in float32: {choice.get('reason') or choice.get('measured_ms')}.\n")
+        parts.append(markdown_table(section["rows"], (*ROW_KEYS, "kernel")))
         first = section.get("first_within_5_points")
         if first is not None:
             parts.append(

@@ -5,7 +5,8 @@
   (`choose_coding_method`);
 - the members' fine-tuning recipe: shard skew, learning rate and steps against the member targets
   (`recipe_rows`, `choose_recipe`);
-- the served refinement plan: the fewest planes within 5 points of float32 (`choose_plan`).
+- the served refinement plan: the fewest planes within 5 points of float32, and the int8 activation
+  grid (`choose_plan`, `choose_grid`).
 
 None of these reads the test split; tests/models/test_selection.py runs them with `load_split("test")`
 raising.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import int8
 from models.bitplanes import RefinementPlan
 from models.bundle import Bundle
 from models.coded import Ingredients
@@ -137,18 +139,75 @@ def choose_recipe(rows: Sequence[dict[str, Any]], default: TrainingConfig) -> Tr
 def choose_plan(
     model: nn.Module, validation: Split, tolerance: float = PLAN_TOLERANCE
 ) -> tuple[RefinementPlan, list[dict[str, Any]]]:
-    """Fewest planes whose validation accuracy is within `tolerance` of float32, with the exponent
-    layout (per channel or per tensor) that is more accurate there; returns (plan, the ladder rows)."""
-    ladder = ladder_accuracy(model, torch.from_numpy(validation.images), validation.labels)
+    """The served plan, chosen on validation; returns (plan, the ladder rows).
+
+    When the model has an integer program (models/int8.py): the fewest planes (1..6) whose int8
+    resolution, with its activation grid chosen on validation (`choose_grid`), is within `tolerance`
+    of float32. Otherwise, or when none is: the fewest planes within `tolerance` by float32
+    truncation, with the exponent layout (per channel or per tensor) that is more accurate there.
+    """
+    images = torch.from_numpy(validation.images)
+    ladder = ladder_accuracy(model, images, validation.labels)
+    full = ladder[0]["float32"]
+    if int8.unsupported(model, 1) is None and int8.available_engines():
+        rows = integer_ladder(model, images, validation.labels)
+        ladder.append({"exponents": "per-channel, int8", **{str(r["planes"]): r["accuracy"] for r in rows},
+                       "grids": {str(r["planes"]): r["grid"] for r in rows}, "float32": full})  # fmt: skip
+        close = [r for r in rows if r["accuracy"] >= full - tolerance]
+        if close:
+            chosen = min(close, key=lambda r: r["planes"])
+            return RefinementPlan(planes=(chosen["planes"],), per_channel=True, grid=tuple(chosen["grid"])), ladder
     best: tuple[int, float, bool] | None = None
-    for row in ladder:
+    for row in ladder[:2]:
         per_channel = row["exponents"] == "per-channel"
-        planes = [int(p) for p in row if p.isdigit() and row[p] >= row["float32"] - tolerance]
-        if not planes:
+        close_planes = [int(p) for p in row if p.isdigit() and row[p] >= row["float32"] - tolerance]
+        if not close_planes:
             continue
-        candidate = (min(planes), -row[str(min(planes))], not per_channel)
+        candidate = (min(close_planes), -row[str(min(close_planes))], not per_channel)
         best = candidate if best is None or candidate < best else best
     if best is None:  # nothing close enough: serve the most precise truncation before float32
         return RefinementPlan(planes=(max(int(p) for p in ladder[0] if p.isdigit()),)), ladder
     first, _, per_tensor = best
     return RefinementPlan(planes=(first,), per_channel=not per_tensor), ladder
+
+
+GRID_START = -4  # the paper's activation grid on MNIST, 2⁻⁴: where the greedy search starts
+GRID_SPAN = range(-8, 3)  # exponents tried for each hidden layer
+
+
+def _int_accuracy(
+    model: nn.Module, planes: int, grid: Sequence[int], images: torch.Tensor, labels: np.ndarray
+) -> float:
+    res = int8.IntResolution(model, planes, grid, int8.available_engines()[0])
+    predictions = torch.cat([res.forward(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+    return float((predictions.numpy() == labels).mean())
+
+
+def choose_grid(
+    model: nn.Module, planes: int, images: torch.Tensor, labels: np.ndarray
+) -> tuple[tuple[int, ...], float]:
+    """The activation grid of an int8 resolution, on validation: layer by layer (input side first),
+    the exponent in GRID_SPAN with the best accuracy given the layers before it, starting from 2⁻⁴
+    everywhere; ties go to the finer grid. Returns (grid, its validation accuracy)."""
+    grid = [GRID_START] * int8.hidden_layers(model)
+    best = _int_accuracy(model, planes, grid, images, labels)
+    for layer in range(len(grid)):
+        for g in GRID_SPAN:
+            if g == grid[layer]:
+                continue
+            trial = [*grid[:layer], g, *grid[layer + 1 :]]
+            acc = _int_accuracy(model, planes, trial, images, labels)
+            if acc > best or (acc == best and g < grid[layer]):
+                grid, best = trial, acc
+    return tuple(grid), best
+
+
+def integer_ladder(
+    model: nn.Module, images: torch.Tensor, labels: np.ndarray, planes: Sequence[int] = range(2, int8.MAX_PLANES + 1)
+) -> list[dict[str, Any]]:
+    """Validation accuracy of the int8 resolution at each plane count, each with its chosen grid."""
+    rows = []
+    for p in planes:
+        grid, acc = choose_grid(model, p, images, labels)
+        rows.append({"planes": p, "grid": list(grid), "accuracy": round(acc, 4)})
+    return rows

@@ -57,6 +57,8 @@ class TrainingConfig:
     alpha: float = 0.5  # Dirichlet concentration over classes: small = skewed shards
     train_limit: int | None = None  # use only the first N training images (tests, smoke runs)
     test_limit: int | None = None
+    cnn_channels: tuple[int, int] | None = None  # the CNN's widths (None: CNNConfig's 16/32)
+    cnn_hidden: int | None = None  # the CNN's hidden units (None: CNNConfig's 128)
 
 
 # Members that really differ (issue 18): 10× the fine-tuning and more skewed shards, so that the
@@ -64,6 +66,9 @@ class TrainingConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "far": {"member_steps": 1000, "member_lr": 3e-4, "alpha": 0.2},
+    # A model where compute matters (issue 17): 4× the channels, 4× the hidden units, so a forward
+    # pass costs more than its HTTP round trip and the integer coarse resolutions have work to save.
+    "wide": {"cnn_channels": (64, 128), "cnn_hidden": 512, "base_epochs": 8},
 }
 
 
@@ -72,6 +77,18 @@ def preset(name: str, **overrides: Any) -> TrainingConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown training preset {name!r}; expected one of {sorted(PRESETS)}")
     return TrainingConfig(**{**PRESETS[name], **overrides})
+
+
+def model_config(cfg: TrainingConfig) -> CNNConfig | MLPConfig:
+    """The architecture's config with the preset's widths (CNN only)."""
+    model_cfg = default_config(cfg.architecture)
+    if isinstance(model_cfg, CNNConfig) and (cfg.cnn_channels or cfg.cnn_hidden):
+        model_cfg = replace(
+            model_cfg, channels=cfg.cnn_channels or model_cfg.channels, hidden=cfg.cnn_hidden or model_cfg.hidden
+        )
+    elif cfg.cnn_channels or cfg.cnn_hidden:
+        raise ValueError(f"widths are a CNN setting, not one of {cfg.architecture!r}")
+    return model_cfg
 
 
 def tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +194,7 @@ def train_bundle(
             train = train.head(cfg.train_limit)
         if cfg.test_limit:
             test = test.head(cfg.test_limit)
-    model_cfg = default_config(cfg.architecture)
+    model_cfg = model_config(cfg)
     torch.manual_seed(cfg.seed)
     base = build(cfg.architecture, model_cfg)
     log(f"training the base {cfg.architecture} on {len(train)} images ({cfg.base_epochs} epochs, {threads} threads)")

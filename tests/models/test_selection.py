@@ -82,7 +82,13 @@ def test_plan_and_recipe_are_chosen_without_reading_test(tiny_bundle_dir, no_tes
     bundle = open_bundle(tiny_bundle_dir)
     train, validation = train_validation(load_split("train"))
     plan, ladder = choose_plan(bundle.build_model("member-0"), validation.head(300))
-    assert len(plan.planes) == 1 and {row["exponents"] for row in ladder} == {"per-channel", "per-tensor"}
+    assert len(plan.planes) == 1
+    assert [row["exponents"] for row in ladder] == ["per-tensor", "per-channel", "per-channel, int8"]
+    int_row = ladder[-1]
+    if plan.grid is not None:  # the int8 resolution was close enough: its planes and grid are served
+        assert int_row[str(plan.planes[0])] >= int_row["float32"] - 0.05
+        assert list(plan.grid) == int_row["grids"][str(plan.planes[0])]
+        assert len(plan.grid) == 3  # conv, conv, hidden linear
     candidates = [TrainingConfig(k=2, member_steps=2, alpha=a, batch_size=32) for a in (0.5, 2.0)]
     rows = recipe_rows(
         bundle.build_model("base"), train.head(400), validation.head(200), candidates, log=lambda _m: None
