@@ -106,7 +106,13 @@ class Fanout:
         members = options.members or self.group.members
         coded = list(self.group.coded) if members == self.group.members else []
         refine = options.stream or options.deadline_ms is not None or options.stop_margin is not None
-        parameters = {"stream": refine, "final_only": not refine, "min_resolution": options.min_resolution}
+        parameters: dict[str, Any] = {
+            "stream": refine,
+            "final_only": not refine,
+            "min_resolution": options.min_resolution,
+        }
+        if options.stop_margin is not None:  # each replica stops where its own answer is that confident
+            parameters["stop_margin"] = options.stop_margin
         body, header_length = encode_binary_request(images, parameters, self.group.spec.input.name, request_id)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         call = _Call(self, body, header_length, len(images), refine, queue)
@@ -119,7 +125,7 @@ class Fanout:
             for name in [*members, *coded]
             if name not in skipped
         }
-        run = _Run(self, members, options, arrival)
+        run = _Run(self, members, options, arrival, images, request_id, call)
         for name in skipped:
             run.failures[name] = ReplicaError(name, "unreachable", "not in use; waiting for a health check")
         try:
@@ -150,6 +156,8 @@ class _Call:
         self.group = fanout.group
         self.body, self.header_length, self.batch, self.lines = body, header_length, batch, lines
         self.queue = queue
+        self.stopped: set[str] = set()  # replicas whose stream ended at a coarse resolution (stop_margin)
+        self.record = True  # latencies feed hedging and patience (not for a follow-up final-only call)
 
     async def once(self, name: str, url: str) -> None:
         """One call: every answer goes to the queue; raises ReplicaError if the call fails."""
@@ -167,6 +175,8 @@ class _Call:
                 resolution = params.get("resolution")
                 if type(resolution) is not int or not 0 <= resolution < self.group.resolutions:
                     raise ReplicaError(name, "garbage", f"resolution {resolution!r} is not in the plan")
+                if params.get("stopped") is True:
+                    self.stopped.add(name)
                 self.queue.put_nowait((name, Answer(probs, resolution, real=True)))
             ok = True
         except ReplicaError as exc:
@@ -183,7 +193,7 @@ class _Call:
         elapsed = time.perf_counter() - start
         self.fanout.metrics.replica_latency.labels(name).observe(elapsed)
         self.fanout.activity.call(replica, elapsed)
-        if replica == name:
+        if replica == name and self.record:
             self.fanout.latency.record(name, elapsed)
             if name in self.group.members:
                 self.fanout.patience.record(name, elapsed)
@@ -227,8 +237,19 @@ class _Call:
 class _Run:
     """The state of one request while its replica calls come in."""
 
-    def __init__(self, fanout: Fanout, members: list[str], options: Options, started: float) -> None:
+    def __init__(
+        self,
+        fanout: Fanout,
+        members: list[str],
+        options: Options,
+        started: float,
+        images: np.ndarray | None = None,
+        request_id: str | None = None,
+        call: _Call | None = None,
+    ) -> None:
         self.fanout = fanout
+        self.images, self.request_id, self.call = images, request_id, call
+        self.asked_final: set[str] = set()  # replicas asked again for their float32 answer
         self.group = fanout.group
         self.members = members
         self.options = options
@@ -298,8 +319,8 @@ class _Run:
                     self._accept(name, item)
                 answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
                 if len(answers) == len(self.members):
-                    if not self.pending:  # nothing left that could improve it
-                        return self._final(answers)
+                    if not self.pending and not self._ask_final(answers, tasks):
+                        return self._final(answers)  # nothing left that could improve it
                     late = self._late()
                     usable = (
                         answers
@@ -318,6 +339,38 @@ class _Run:
             if getter is not None:
                 getter.cancel()
         return self._at_deadline(answers)
+
+    def _ask_final(self, answers: dict[str, Answer], tasks: dict[str, asyncio.Task[None]]) -> bool:
+        """Every call has ended, but replicas that stopped at a coarse resolution (each confident on its
+        own) leave the ensemble short of the stop margin (they disagree): ask them for their float32
+        answer, once. Returns whether any call went out."""
+        if self.call is None or self.images is None or self._is_final(answers):
+            return False
+        final = self.group.resolutions - 1
+        decoding = any(m not in self.real for m in self.members)  # coded answers matter only then
+        names = [
+            n
+            for n in sorted(self.call.stopped - self.asked_final)
+            if (
+                self.coded[n].resolution < final and decoding
+                if n in self.group.coded
+                else self.real[n].resolution < final
+            )
+        ]
+        if not names:
+            return False
+        parameters = {"stream": False, "final_only": True, "min_resolution": 0}
+        body, header_length = encode_binary_request(
+            self.images, parameters, self.group.spec.input.name, self.request_id
+        )
+        again = _Call(self.fanout, body, header_length, len(self.images), False, self.call.queue)
+        again.record = False
+        for name in names:
+            self.asked_final.add(name)
+            self.pending.add(name)
+            tasks[f"{name} (final)"] = asyncio.create_task(again.reported(name))
+        self.fanout.metrics.final_asks.inc(len(names))
+        return True
 
     def _late(self) -> set[str] | None:
         """Members whose answers may be decoded for the final: all (None) under the eager policy;

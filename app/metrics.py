@@ -51,6 +51,11 @@ class GatewayMetrics:
             registry=r,
         )
         self.hedges = Counter("coinserve_hedged_calls_total", "Member calls re-sent to the hedging replica", registry=r)
+        self.final_asks = Counter(
+            "coinserve_final_asks_total",
+            "Replicas asked again for their float32 answer: they stopped confident but the ensemble was not",
+            registry=r,
+        )
         self.inflight = Gauge("coinserve_inflight_requests", "Requests being answered", registry=r)
         self.streams = Gauge("coinserve_open_streams", "Open server-sent-event streams", registry=r)
         self.refused = Counter(

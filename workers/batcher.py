@@ -1,10 +1,15 @@
-"""Bounded-wait dynamic batching over the refinement engine.
+"""Bounded-wait dynamic batching over the refinement engine, one resolution per step.
 
-Requests queue up; the first of a batch waits at most `max_wait_ms` for company (or until
-`max_batch` rows), then the batch runs resolution by resolution in the one compute thread, and each
-request receives every resolution it asked for as soon as it exists. A cancelled request (its
-client went away) drops out before the next resolution, and a batch with no live request left
-stops computing: the work counter stops rising.
+Each resolution of a request is its own step in the one compute thread. A request's first step
+(resolution `start`, or the final one for a plain JSON call) waits at most `max_wait_ms` for company
+(or until `max_batch` rows); after it, the request's next resolution joins the refinement queue. The
+scheduler always runs waiting first steps before any refinement, so refinement never pushes back
+anyone's first answer; refinements run when no first step waits, coarsest resolution first, oldest
+first, batched with others at the same resolution. A step is not started for a request the endpoint
+no longer needs (`cancelled`: its client went away, the gateway has its final, decoded it, or its
+deadline passed), and with `stop_margin` a request whose every row's top-1 minus top-2 probability
+exceeds the margin at a coarse resolution stops there (its last result says `stopped`): the work
+counter stops rising.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Result:
     planes: int | None
     probs: np.ndarray  # (B, C)
     final: bool
+    stopped: bool = False  # the request's last result: confident at this coarse resolution (stop_margin)
 
 
 @dataclass(eq=False)
@@ -38,8 +44,11 @@ class Job:
     images: torch.Tensor  # (B, *the bundle's input shape)
     start: int  # first resolution wanted
     final_only: bool  # only the float32 resolution (a plain JSON call)
+    stop_margin: float | None = None  # stop once every row's top-1 minus top-2 probability exceeds it
     results: asyncio.Queue[Result | BaseException | None] = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # read by the compute thread between resolutions
+    cancelled: bool = False  # read by the scheduler and the compute thread before every step
+    next_index: int = -1  # the resolution of its next step (set on submit)
+    arrived: float = 0.0  # time.monotonic() of submit: the first step's wait for company counts from here
 
     @property
     def rows(self) -> int:
@@ -54,21 +63,28 @@ class Batcher:
         max_wait_ms: float,
         on_compute: Callable[[int, int], None] = lambda rows, index: None,
         step_delay_s: float = 0.0,
+        on_cpu: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.engine = engine
+        self.on_cpu = on_cpu  # CPU seconds of each forward step, measured in the compute thread
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.on_compute = on_compute
         self.step_delay_s = step_delay_s  # fault injection: a slow model, before every resolution after the first
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-        self._held: deque[Job] = deque()
+        self._first: deque[Job] = deque()  # jobs whose first step has not run, in arrival order
+        self._refine: deque[Job] = deque()  # jobs waiting for a refinement step, oldest step first
+        self._wake = asyncio.Event()  # set whenever a job is submitted
         self._task: asyncio.Task[None] | None = None
         self.outstanding = 0  # submitted and not yet finished (see `finished`)
+        self.compute_s = 0.0  # CPU seconds of the compute thread in forward steps (thread time)
 
     def submit(self, job: Job) -> None:
         self.outstanding += 1
-        self.queue.put_nowait(job)
+        job.next_index = self.engine.plan.resolutions - 1 if job.final_only else job.start
+        job.arrived = time.monotonic()
+        self._first.append(job)
+        self._wake.set()
 
     def finished(self, job: Job) -> None:
         """The endpoint is done with the job (answered, failed or cancelled)."""
@@ -92,72 +108,108 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
-    async def _next(self, timeout: float | None) -> Job | None:
-        if self._held:
-            return self._held.popleft()
-        try:
-            return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
-        except TimeoutError:
-            return None
+    def _drop_cancelled(self, jobs: deque[Job]) -> None:
+        if any(job.cancelled for job in jobs):
+            live = [job for job in jobs if not job.cancelled]
+            for job in jobs:
+                if job.cancelled:
+                    job.results.put_nowait(None)
+            jobs.clear()
+            jobs.extend(live)
 
-    async def _collect(self) -> list[Job]:
-        first = await self._next(None)
-        assert first is not None
-        batch, rows = [first], first.rows
-        deadline = time.monotonic() + self.wait_s()
-        while rows < self.max_batch:
-            job = self._held.popleft() if self._held else None
-            if job is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and self.queue.empty():
+    @staticmethod
+    def _take(jobs: deque[Job], index: int, max_rows: int) -> list[Job]:
+        """Jobs whose next step is `index`, in order, up to `max_rows` rows (at least one job)."""
+        taken: list[Job] = []
+        rows = 0
+        for job in list(jobs):
+            if job.next_index == index and (not taken or rows + job.rows <= max_rows):
+                taken.append(job)
+                rows += job.rows
+                if rows >= max_rows:
                     break
-                job = self.queue.get_nowait() if not self.queue.empty() else await self._next(max(remaining, 0))
-            if job is None:
-                break
-            if rows + job.rows > self.max_batch:
-                self._held.append(job)
-                break
-            batch.append(job)
-            rows += job.rows
-        return [job for job in batch if not job.cancelled]
+        for job in taken:
+            jobs.remove(job)
+        return taken
+
+    async def _collect(self) -> tuple[int, list[Job]]:
+        """The next step to run: (resolution, jobs). First steps before refinements."""
+        while True:
+            self._drop_cancelled(self._first)
+            self._drop_cancelled(self._refine)
+            if self._first:
+                await self._company()
+                self._drop_cancelled(self._first)
+                if self._first:
+                    index = self._first[0].next_index
+                    return index, self._take(self._first, index, self.max_batch)
+                continue
+            if self._refine:
+                index = min(job.next_index for job in self._refine)
+                return index, self._take(self._refine, index, self.max_batch)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _company(self) -> None:
+        """Let the oldest first step wait for company: until `wait_s` after it arrived, or full rows."""
+        oldest = self._first[0]
+        until = oldest.arrived + self.wait_s()
+        while (left := until - time.monotonic()) > 0:
+            rows = sum(job.rows for job in self._first if job.next_index == oldest.next_index and not job.cancelled)
+            if rows >= self.max_batch:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            groups: dict[tuple[bool, int], list[Job]] = {}
-            for job in batch:
-                key = (job.final_only, self.engine.plan.resolutions - 1 if job.final_only else job.start)
-                groups.setdefault(key, []).append(job)
-            for (_, start), jobs in groups.items():
-                try:
-                    await loop.run_in_executor(self.executor, self._compute, jobs, start, loop)
-                except Exception as exc:  # a bug in a forward pass must not kill the batcher
-                    logger.exception("forward pass failed")
-                    for job in jobs:
-                        job.results.put_nowait(exc)
+            index, jobs = await self._collect()
+            try:
+                going_on = await loop.run_in_executor(self.executor, self._step, jobs, index, loop)
+            except Exception as exc:  # a bug in a forward pass must not kill the batcher
+                logger.exception("forward pass failed")
+                for job in jobs:
+                    job.results.put_nowait(exc)
+                continue
+            self._refine.extend(going_on)
 
-    def _compute(self, jobs: list[Job], start: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in the compute thread: every resolution from `start`, live jobs only."""
+    def _step(self, jobs: list[Job], index: int, loop: asyncio.AbstractEventLoop) -> list[Job]:
+        """Runs in the compute thread: one resolution for the live jobs; returns those that go on."""
         last = self.engine.plan.resolutions - 1
-        for index in range(start, last + 1):
-            if index > start and self.step_delay_s:
-                self._slow_step(jobs)
-            live = [job for job in jobs if not job.cancelled]
-            if not live:
-                return
-            images = torch.cat([job.images for job in live]) if len(live) > 1 else live[0].images
-            probs = torch.softmax(self.engine.forward(images, index), dim=1).numpy().astype(np.float64)
-            self.on_compute(len(images), index)
-            offset = 0
-            for job in live:
-                result = Result(
-                    index, self.engine.plan.planes_at(index), probs[offset : offset + job.rows], index == last
-                )
-                offset += job.rows
-                loop.call_soon_threadsafe(job.results.put_nowait, result)
+        refining = [job for job in jobs if job.next_index > (last if job.final_only else job.start)]
+        if refining and self.step_delay_s:
+            self._slow_step(jobs)
+        live = [job for job in jobs if not job.cancelled]
         for job in jobs:
-            loop.call_soon_threadsafe(job.results.put_nowait, None)
+            if job.cancelled:
+                loop.call_soon_threadsafe(job.results.put_nowait, None)
+        if not live:
+            return []
+        images = torch.cat([job.images for job in live]) if len(live) > 1 else live[0].images
+        started = time.thread_time()
+        probs_t = torch.softmax(self.engine.forward(images, index), dim=1)
+        seconds = time.thread_time() - started
+        self.compute_s += seconds
+        self.on_cpu(seconds)
+        probs = probs_t.numpy().astype(np.float64)
+        self.on_compute(len(images), index)
+        going_on, offset = [], 0
+        planes = self.engine.plan.planes_at(index)
+        for job in live:
+            mine = probs[offset : offset + job.rows]
+            offset += job.rows
+            stopped = index < last and job.stop_margin is not None and _confident(mine, job.stop_margin)
+            loop.call_soon_threadsafe(job.results.put_nowait, Result(index, planes, mine, index == last, stopped))
+            if index == last or stopped:
+                loop.call_soon_threadsafe(job.results.put_nowait, None)
+            else:
+                job.next_index = index + 1
+                going_on.append(job)
+        return going_on
 
     def _slow_step(self, jobs: list[Job]) -> None:
         """The injected extra compute time of a slow model, given up as soon as no job needs the step
@@ -165,3 +217,11 @@ class Batcher:
         end = time.monotonic() + self.step_delay_s
         while any(not job.cancelled for job in jobs) and (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 0.005))
+
+
+def _confident(probs: np.ndarray, margin: float) -> bool:
+    """Every row's top-1 minus top-2 probability exceeds `margin` (the gateway's rule, per member)."""
+    if probs.shape[1] < 2:
+        return True
+    top2 = np.partition(probs, -2, axis=1)[:, -2:]
+    return bool(np.all(top2[:, 1] - top2[:, 0] > margin))

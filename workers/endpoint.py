@@ -144,11 +144,19 @@ def job_from(
             raise ProtocolError(f"parameters.{flag} must be true or false")
     stream = bool(parameters.get("stream", False))
     final_only = bool(parameters.get("final_only", not stream))
-    return Job(torch.from_numpy(images.copy()), start, final_only), stream, request_id
+    margin = parameters.get("stop_margin")
+    if margin is not None and (type(margin) not in (int, float) or not 0 < margin <= 1):
+        raise ProtocolError(f"parameters.stop_margin must be a number in (0, 1], got {margin!r}")
+    job = Job(
+        torch.from_numpy(images.copy()), start, final_only, None if final_only or margin is None else float(margin)
+    )
+    return job, stream, request_id
 
 
 def _encode(model: str, result: Result, request_id: str | None) -> bytes:
-    parameters = {"resolution": result.index, "planes": result.planes, "exact": result.final}
+    parameters: dict[str, object] = {"resolution": result.index, "planes": result.planes, "exact": result.final}
+    if result.stopped:
+        parameters["stopped"] = True  # no later resolution follows: confident at this one (stop_margin)
     return encode_response(model, result.probs, parameters, request_id)
 
 
@@ -215,9 +223,9 @@ async def _stream(
                 if close:
                     raise ConnectionAbortedError("injected fault: connection closed mid-stream")
                 return "garbage"
-            await write(_encode(model, result, request_id) + b"\n", more=not result.final)
-            if result.final:
-                return "ok"
+            await write(_encode(model, result, request_id) + b"\n", more=not (result.final or result.stopped))
+            if result.final or result.stopped:
+                return "ok" if result.final else "stopped"
     except Exception as exc:
         if isinstance(exc, ConnectionAbortedError):
             raise

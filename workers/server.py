@@ -31,6 +31,7 @@ from models.bundle import MANIFEST, Bundle, open_bundle
 from models.errors import BundleError
 from models.refine import RefinementEngine
 from models.runtime import keep_freed_memory, use_all_cores
+from models.sources import examples
 from protocol.spec import ModelSpec
 from protocol.v2 import OUTPUT_NAME
 from workers.batcher import Batcher
@@ -38,7 +39,7 @@ from workers.faults import FaultInjector
 from workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
-PARAMETERS = ("stream", "min_resolution", "final_only")
+PARAMETERS = ("stream", "min_resolution", "final_only", "stop_margin")
 SECRET_HEADER = "X-Coinserve-Secret"
 
 
@@ -58,6 +59,11 @@ class WorkerMetrics:
             "coinserve_worker_batch_rows",
             "Rows per forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.compute = Counter(
+            "coinserve_worker_compute_cpu_seconds_total",
+            "CPU seconds of the compute thread in forward steps (thread time: the model's own work)",
             registry=self.registry,
         )
         self.in_flight = Gauge("coinserve_worker_in_flight_requests", "Requests being served", registry=self.registry)
@@ -96,13 +102,32 @@ def model_names(settings: WorkerSettings) -> list[str]:
 def _serve_model(bundle: Bundle, name: str, settings: WorkerSettings, metrics: WorkerMetrics) -> Served:
     model = bundle.build_model(name)  # reads the file and checks its sha256 first
     plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
-    engine = RefinementEngine(model, plan)
+    engine = RefinementEngine(model, plan, settings.int8_engine, _sample(bundle, settings.max_batch))
+    if engine.engine_choice:  # said at any log level: which kernels serve is part of what was deployed
+        logger.log(
+            max(logger.getEffectiveLevel(), logging.INFO),
+            "%s: resolutions on %s; int8 engine %s",
+            name,
+            engine.kernels,
+            engine.engine_choice,
+        )
     warm = torch.zeros(1, *bundle.spec.input.shape)
     for index in range(plan.resolutions):
         engine.forward(warm, index)
     step_delay_s = settings.faults.step_delay_ms / 1000
-    batcher = Batcher(engine, settings.max_batch, settings.max_wait_ms, metrics.computed, step_delay_s)
+    batcher = Batcher(
+        engine, settings.max_batch, settings.max_wait_ms, metrics.computed, step_delay_s, metrics.compute.inc
+    )
     return Served(name, bundle.entry(name), engine, batcher)
+
+
+def _sample(bundle: Bundle, rows: int) -> torch.Tensor:
+    """A batch to time the int8 engines on: the bundle's examples repeated (real value ranges), else noise."""
+    try:
+        inputs = torch.from_numpy(examples(bundle).images.astype("float32"))
+    except BundleError:
+        return torch.randn(rows, *bundle.spec.input.shape)
+    return inputs.repeat((rows + len(inputs) - 1) // len(inputs), *([1] * (inputs.dim() - 1)))[:rows]
 
 
 def identity(manifest_bytes: bytes, names: list[str], plan: RefinementPlan) -> dict[str, Any]:
@@ -196,6 +221,8 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
                     "sha256": entry["sha256"],
                     "coefficients": entry.get("coefficients"),
                     "refinement": served.engine.plan.to_dict(),
+                    "kernels": served.engine.kernels,
+                    "int8_engine": served.engine.engine_choice or None,
                     "identity": worker.identity,
                     "labels": list(worker.spec.labels),
                 },

@@ -43,6 +43,12 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
     max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
     threads: int = Field(1, ge=1, description="torch threads: one per replica, replicas share the cores")
+    int8_engine: str = Field(
+        "auto",
+        pattern="^(auto|x86|onednn|fbgemm)$",
+        description="PyTorch int8 engine of the integer coarse resolutions: auto (the fastest of those that "
+        "reproduce the integer reference, measured at start and logged), x86, onednn or fbgemm",
+    )
     nice: int = Field(
         10,
         ge=0,

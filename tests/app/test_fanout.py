@@ -27,16 +27,17 @@ def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
     return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
 
 
-def _line(name: str, resolution: int) -> dict[str, Any]:
+def _line(name: str, resolution: int, stopped: bool = False) -> dict[str, Any]:
     probs = CODED if name == "c" else PROBS[MEMBERS.index(name)]
     return {
         "outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32", "data": probs.ravel().tolist()}],
-        "parameters": {"resolution": resolution},
+        "parameters": {"resolution": resolution, **({"stopped": True} if stopped else {})},
     }
 
 
 class ScriptedClient:
-    """Each replica replies with (delay_s, resolution) steps, or fails with `fail`."""
+    """Each replica replies with (delay_s, resolution[, stopped]) steps, or fails with `fail`; a plain
+    (final-only) call to a replica with a `final:NAME` script gets that one instead."""
 
     def __init__(
         self, script: dict[str, list[tuple[float, int]]], fail: dict[str, str] | None = None, **settings: Any
@@ -44,17 +45,21 @@ class ScriptedClient:
         self.script, self.fail = script, fail or {}
         self.settings = GatewaySettings(upstream_timeout_s=2, **settings)
         self.cancelled: list[str] = []
+        self.calls: list[tuple[str, bool]] = []  # (replica, streamed)
 
     async def stream(
         self, replica: str, url: str, model: str, body: bytes, header_length: int, lines: bool = True
     ) -> AsyncIterator[Any]:
         try:
+            self.calls.append((replica, lines))
             key = f"hedge:{replica}" if url == "http://hedge" else replica
+            if not lines and f"final:{replica}" in self.script:
+                key = f"final:{replica}"
             if key in self.fail:
                 raise ReplicaError(replica, "connection", self.fail[key])
-            for delay, resolution in self.script.get(key, [(3600, 0)]):
+            for delay, resolution, *stopped in self.script.get(key, [(3600, 0)]):
                 await asyncio.sleep(delay)
-                yield _line(replica, resolution)
+                yield _line(replica, resolution, *stopped)
         except asyncio.CancelledError:
             self.cancelled.append(f"hedge:{replica}" if url == "http://hedge" else replica)
             raise
@@ -167,6 +172,36 @@ async def test_every_member_answered_and_no_call_left_ends_at_once():
 
 
 ONE_SHOT = [(0.0, 1)]  # a plain JSON call: the float32 answer only
+STOPPED = [(0.0, 0, True)]  # the replica was confident at the coarse resolution and ended its stream
+
+
+@pytest.mark.anyio
+async def test_replicas_that_stopped_confident_are_asked_for_float32_when_the_ensemble_is_not():
+    """Each member stopped at its coarse answer (its own margin), but the ensemble's margin is below
+    stop_margin: they are asked once for the float32 answer, which the final then carries."""
+    script = {**{n: STOPPED for n in [*MEMBERS, "c"]}, **{f"final:{n}": ONE_SHOT for n in MEMBERS}}
+    client = ScriptedClient(script)
+    fanout = _fanout(client)
+    update = await fanout.execute(
+        np.zeros((1, 1, 28, 28), np.float32), Options(stop_margin=0.9, stream=True), time.perf_counter(), _ignore
+    )
+    assert update.event == "final" and update.exact_members(1) == MEMBERS
+    assert sorted(client.calls) == sorted([(n, True) for n in [*MEMBERS, "c"]] + [(n, False) for n in MEMBERS])
+    assert fanout.metrics.final_asks._value.get() == 3
+
+
+@pytest.mark.anyio
+async def test_replicas_that_stopped_confident_end_the_request_when_the_ensemble_is_too():
+    client = ScriptedClient({n: STOPPED for n in [*MEMBERS, "c"]})
+    update = await _fanout(client).execute(
+        np.zeros((1, 1, 28, 28), np.float32), Options(stop_margin=1e-6, stream=True), time.perf_counter(), _ignore
+    )
+    assert update.event == "final" and update.resolution == 0
+    assert all(streamed for _, streamed in client.calls)  # nobody asked again
+
+
+async def _ignore(update: Update) -> None:
+    pass
 
 
 @pytest.mark.anyio

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+import torch
 
 from tests.integration.conftest import parse_sse, request_body, running, with_plan
 
@@ -167,6 +170,47 @@ def test_stop_margin_ends_the_request_early(service):
     events = parse_sse(data.text)
     assert events[-1]["event"] == "final"
     assert events[-1]["data"]["parameters"]["resolution"] == 0  # confident already at 4 planes
+
+
+def test_the_served_coarse_answer_is_the_integer_reference(service, coded_bundle):
+    """The replica's coarse resolution runs on int8 kernels and equals, bit for bit, the plain numpy
+    integer reference of that resolution (models/int8.py); the final one is float32."""
+    from models.bitplanes import RefinementPlan
+    from models.bundle import open_bundle
+    from models.int8 import IntResolution
+
+    bundle = open_bundle(coded_bundle)
+    plan = RefinementPlan.from_dict(bundle.manifest["refinement"])
+    assert plan.grid is not None  # coinserve train chose an integer plan on validation
+    worker = service.child("member-0").url
+    meta = httpx.get(f"{worker}/v2/models/member-0", timeout=5).json()["parameters"]
+    assert meta["kernels"][0].startswith("int8/") and meta["kernels"][-1] == "float32"
+    assert meta["int8_engine"]["engine"] in meta["int8_engine"]["measured_ms"]
+    body = request_body(5, {"stream": True}, seed=11)
+    lines = [json.loads(line) for line in httpx.post(f"{worker}/v2/models/member-0/infer", json=body).text.splitlines()]
+    assert [line["parameters"]["resolution"] for line in lines] == [0, 1]
+    served = np.array(lines[0]["outputs"][0]["data"], np.float32).reshape(5, -1)
+    images = np.array(body["inputs"][0]["data"], np.float32).reshape(5, 1, 28, 28)
+    resolution = IntResolution(bundle.build_model("member-0"), plan.planes[0], plan.grid, "x86")
+    expected = torch.softmax(torch.from_numpy(resolution.reference_logits(images)), dim=1).numpy()
+    assert np.array_equal(served, expected)
+
+
+def test_stop_margin_stops_the_replicas_too(service):
+    """The gateway passes stop_margin down: a replica confident at its coarse resolution ends its stream
+    there ("stopped") and never computes the float32 one (issue 17: saved work is real)."""
+    names = [c.name for c in service.cluster.children if c.name != "gateway"]
+    final_rows = 'coinserve_worker_rows_computed_total{resolution="1"}'
+    before = {n: service.worker_metric(n, final_rows) for n in names}
+    events = parse_sse(_infer(service.url, request_body(1, {"stop_margin": 0.001}), SSE).text)
+    assert events[-1]["event"] == "final" and events[-1]["data"]["parameters"]["resolution"] == 0
+    time.sleep(0.3)  # a float32 step, had one started, has finished by now
+    assert {n: service.worker_metric(n, final_rows) for n in names} == before
+    worker = service.child("member-0").url
+    body = request_body(1, {"stream": True, "stop_margin": 0.001})
+    lines = [json.loads(line) for line in httpx.post(f"{worker}/v2/models/member-0/infer", json=body).text.splitlines()]
+    assert [line["parameters"].get("stopped") for line in lines] == [True]
+    assert service.worker_metric("member-0", 'coinserve_worker_requests_total{outcome="stopped"}') >= 2
 
 
 def test_members_subset_answers_only_those_members(service):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -82,3 +83,99 @@ def test_lone_requests_do_not_wait_for_company():
     assert batcher.wait_s() == 0.0
     batcher.outstanding = 3
     assert batcher.wait_s() == 0.005
+
+
+class _Held:
+    """A batcher whose compute thread is held inside its first step until `release()`: whatever is
+    submitted meanwhile waits in its queues, so the order of the steps after it is the scheduler's."""
+
+    def __init__(self) -> None:
+        self.computed: list[tuple[int, int]] = []
+        self._release = threading.Event()
+        self.batcher = Batcher(_engine(), max_batch=64, max_wait_ms=0, on_compute=self._on_compute)
+
+    def _on_compute(self, rows: int, index: int) -> None:
+        self.computed.append((rows, index))
+        if len(self.computed) == 1:
+            self._release.wait(5)
+
+    async def __aenter__(self) -> _Held:
+        await self.batcher.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        await self.batcher.stop()
+
+    async def hold(self, job: Job) -> None:
+        """Submit `job` and wait until its first step is running (and held)."""
+        self.batcher.submit(job)
+        while not self.computed:
+            await asyncio.sleep(0.001)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def _one(rows: int = 1, final_only: bool = False, stop_margin: float | None = None) -> Job:
+    return Job(torch.rand(rows, 1, 28, 28), start=0, final_only=final_only, stop_margin=stop_margin)
+
+
+@pytest.mark.anyio
+async def test_first_resolutions_of_waiting_requests_run_before_refinements_of_older_ones():
+    """While request A's first step runs, B and C arrive: their first steps go before A's refinements,
+    and the refinements then run as batches of the same resolution (issue 17)."""
+    async with _Held() as held:
+        a = _one()
+        await held.hold(a)
+        later = [_one(), _one()]
+        for job in later:
+            held.batcher.submit(job)
+        held.release()
+        results = await asyncio.gather(*(_results(j) for j in [a, *later]))
+    assert held.computed == [(1, 0), (2, 0), (3, 1), (3, 2)]
+    assert all([r.index for r in res] == [0, 1, 2] for res in results)
+
+
+@pytest.mark.anyio
+async def test_a_plain_call_goes_before_refinements_too():
+    async with _Held() as held:
+        stream = _one(2)
+        await held.hold(stream)
+        plain = _one(final_only=True)
+        held.batcher.submit(plain)
+        held.release()
+        await asyncio.gather(_results(stream), _results(plain))
+    assert held.computed == [(2, 0), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("margin", "indices"), [(1e-9, [0]), (1.0, [0, 1, 2])])
+async def test_stop_margin_ends_a_confident_request_at_a_coarse_resolution(margin, indices):
+    computed: list[int] = []
+    batcher = Batcher(_engine(), max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i))
+    await batcher.start()
+    try:
+        job = _one(3, stop_margin=margin)
+        batcher.submit(job)
+        results = await _results(job)
+    finally:
+        await batcher.stop()
+    assert [r.index for r in results] == indices == computed
+    assert [r.stopped for r in results] == [margin < 1] + [False] * (len(indices) - 1)
+    assert results[-1].final == (margin == 1.0)
+    assert batcher.compute_s > 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_request_waiting_for_a_refinement_is_never_computed():
+    async with _Held() as held:
+        a = _one()
+        await held.hold(a)
+        b = _one()
+        held.batcher.submit(b)
+        a.cancelled = True  # e.g. the gateway decoded it: A's refinements must not start
+        held.release()
+        results = await _results(b)
+    assert [r.index for r in results] == [0, 1, 2]
+    assert held.computed == [(1, 0), (1, 0), (1, 1), (1, 2)]
