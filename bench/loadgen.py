@@ -167,3 +167,36 @@ async def open_loop(
         run.samples = list(await asyncio.gather(*tasks))
         run.seconds = time.perf_counter() - t0
     return run
+
+
+def replica_kernels(cluster: Any) -> dict[str, Any]:
+    """Each replica's kernels per resolution and its int8 engine choice, from its own model metadata
+    (`cluster`: an app.launcher.Cluster; a process hosting several models is asked for the first)."""
+    import httpx
+
+    out = {}
+    for child in cluster.children:
+        if child.name == "gateway":
+            continue
+        meta = httpx.get(f"{child.url}/v2/models/{child.name}", timeout=10).json()["parameters"]
+        out[child.name] = {"kernels": meta.get("kernels"), "int8_engine": meta.get("int8_engine")}
+    return out
+
+
+def metric_sum(url: str, name: str, **labels: str) -> float:
+    """Sum of every sample of the Prometheus metric `name` at `url`/metrics whose labels include `labels`
+    (`name` may carry them itself: 'coinserve_worker_requests_total{outcome="stopped"}')."""
+    import httpx
+
+    if "{" in name:
+        name, _, inline = name.partition("{")
+        for pair in filter(None, inline.rstrip("}").split(",")):
+            key, _, value = pair.partition("=")
+            labels[key.strip()] = value.strip().strip('"')
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{", 1)[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total

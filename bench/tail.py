@@ -43,7 +43,7 @@ import numpy as np
 import orjson
 
 from app import launcher
-from bench.loadgen import Run, closed_loop, json_body, open_loop
+from bench.loadgen import Run, closed_loop, json_body, open_loop, replica_kernels
 from models.data import Split, load_split, train_validation
 from models.machine import machine
 
@@ -133,9 +133,11 @@ def start_workers(bundle: Path, k: int) -> launcher.Cluster:
     the coded replica and every member (coded modes call its coded model, hedge re-sends members'
     calls to it, wait-all leaves it idle): equal resources, and one straggler schedule on the same pids."""
     members = [f"member-{i}" for i in range(k)]
+    names = [c["name"] for c in json.loads((bundle / "manifest.json").read_text())["coded"]]
+    coded = "coded-coin-0" if "coded-coin-0" in names else names[0]  # COIN where built, else the bundle's own
     cluster = launcher.Cluster()
     try:
-        for name in [*members, ",".join(["coded-coin-0", *members])]:
+        for name in [*members, ",".join([coded, *members])]:
             port = launcher.free_port()
             args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(port)]
             cluster.children.append(launcher.spawn(name.split(",")[0], port, args, dict(os.environ)))
@@ -328,6 +330,7 @@ def sweep(args: argparse.Namespace, k: int, ctx: dict[str, Any]) -> list[dict[st
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.cpu_hog else None
     try:
         pids = [c.process.pid for c in workers.children]
+        ctx["replicas"] = replica_kernels(workers)
         ctx["capacity"] = capacity_of(workers, args, k, ctx)
         print(f"sweep of {len(specs)} runs: about {estimate_s(specs, args, ctx['capacity']):.0f} s", flush=True)
         for spec in specs:
@@ -477,6 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = sweep(args, k, ctx)
     settings = {
         "machine": machine(),
+        "replicas": ctx.get("replicas"),  # kernels per resolution and the int8 engine each replica chose
         "command": "python -m bench.tail " + " ".join(sys.argv[1:] if argv is None else argv),
         "split": args.split,
         "out": str(args.out),

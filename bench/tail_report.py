@@ -448,7 +448,8 @@ def page_lines(
         SPLITS_NOTE[settings["split"]],
         "",
         f"Machine: {m.get('cpu', 'unknown CPU')} ({flags}), {m['cpus']} CPUs, {m['platform']}, Python "
-        f"{m['python']}; run {m['date']}, {settings['seconds']} s. Capacity measured first: "
+        f"{m['python']}; run {m['date']}, {settings['seconds']} s. {_kernels(settings.get('replicas'))}"
+        "Capacity measured first: "
         f"{settings['capacity_req_per_s']} req/s (coded, closed loop, concurrency 32). k = {settings['k']} members; "
         "every mode runs the same k + 1 replica processes (wait-all's extra one idles; hedge's hosts every "
         f"member). Per point {settings['trials']} trial(s) × {settings['requests_per_trial']:,} open-loop Poisson "
@@ -593,3 +594,15 @@ def save(fig: Any, ax: Any, path: Path) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path.name
+
+
+def _kernels(replicas: dict[str, Any] | None) -> str:
+    """'Resolutions on [...] (int8 engine x86, chosen by measurement). ' from the replicas' metadata."""
+    if not replicas:
+        return ""
+    kinds = sorted({str(r.get("kernels")) for r in replicas.values()})
+    engines = sorted({(r.get("int8_engine") or {}).get("engine") or "none" for r in replicas.values()})
+    return (
+        f"Replicas' resolutions on {', '.join(kinds)} "
+        f"(int8 engine {', '.join(engines)}, chosen at start-up by measurement). "
+    )

@@ -19,6 +19,7 @@ import pytest
 
 from app import launcher
 from bench.browser import BrowserMissingError, chromium
+from bench.loadgen import metric_sum
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +65,7 @@ class Running:
 
     def worker_metric(self, name: str, metric: str) -> float:
         """Sum of every sample of `metric` on the worker's /metrics."""
-        text = httpx.get(f"{self.child(name).url}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric))
+        return metric_sum(self.child(name).url, metric)
 
 
 @contextmanager

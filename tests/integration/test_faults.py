@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from app import launcher
+from bench.loadgen import metric_sum
 from tests.integration.conftest import parse_sse, request_body, running, stream_in_background, with_plan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -44,13 +45,7 @@ def terminal(events: list[dict]) -> dict:
     return events[-1]
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+metric = metric_sum
 
 
 def test_member_killed_mid_stream_is_decoded_and_later_requests_skip_it(coded_bundle, tmp_path):

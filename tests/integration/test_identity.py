@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from app import launcher
+from bench.loadgen import metric_sum
 from tests.integration.conftest import request_body
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -112,12 +113,7 @@ def _readiness(mixed: Mixed) -> dict:
 
 
 def _requests_served(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("coinserve_worker_requests_total")
-    )
+    return metric_sum(url, "coinserve_worker_requests_total")
 
 
 def test_readiness_names_the_replica_of_another_bundle_and_why(mixed: Mixed):
