@@ -276,7 +276,7 @@ def row_markdown(line: dict[str, Any], row: Row, rows: list[Row]) -> dict[str, A
 
 
 def verdicts(rows: list[Row], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 13's must-reach checks, each with its measured value, interval and request count."""
+    """Issues 13 and 17's must-reach checks, each with its measured value, interval and request count."""
     out: list[dict[str, Any]] = []
 
     def add(check: str, point: str, est: Estimate, target: str, ok: bool, digits: int = 2, suffix: str = "") -> None:
@@ -319,6 +319,16 @@ def verdicts(rows: list[Row], settings: dict[str, Any]) -> list[dict[str, Any]]:
             p999 = (coded.point["p999"], coded.boot["p999"])
             r = ratio(p999, (eager.point["p999"], eager.boot["p999"]), answered(coded, eager))
             add("coded p99.9 / coded-eager p99.9", point, r, "≤ 1.25×", r.value <= 1.25, 2, "×")
+    for load, intensity in sorted({(r.load, r.intensity) for r in rows}):  # issue 17: refinement's first answer
+        coded, point = coded_row(rows, settings, load, intensity), f"{load:.0%}, {intensity}"
+        refine = find(rows, "coded+refine", load, intensity, settings["patience_quantile"])
+        if coded is None or refine is None:
+            continue
+        for name, target, limit in (("p50", "≤ 1.0× (wide preset ≤ 0.7×)", 1.0), ("p999", "≤ 1.1×", 1.1)):
+            top, bottom = (refine.point[name], refine.boot[name]), (coded.point[name], coded.boot[name])
+            r = ratio(top, bottom, answered(refine, coded))
+            label = "p99.9" if name == "p999" else name
+            add(f"coded+refine / coded, first complete answer {label}", point, r, target, r.value <= limit, 2, "×")
     stragglers, calm = coded_row(rows, settings, 0.2, "medium"), coded_row(rows, settings, 0.2, "none")
     if stragglers is not None and calm is not None:
         top, bottom = (stragglers.point["p999"], stragglers.boot["p999"]), (calm.point["p999"], calm.boot["p999"])
@@ -476,7 +486,7 @@ def page_lines(
             list(row_markdown(lines[0], rows[0], rows)) if rows else [],
         ),  # fmt: skip
         "",
-        "## Against the targets (issue 13)",
+        "## Against the targets (issues 13 and 17)",
         "",
         markdown_table(checks, ["check", "point", "measured [95%]", "target", "requests it rests on", "verdict"]),
         "",
