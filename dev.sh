@@ -53,11 +53,17 @@ ensure_browser() {
   apt_install chromium chromium-driver
 }
 
+# The shared-event-log tests (tests/integration/test_redis_streams.py) start Debian's redis-server.
+ensure_redis() {
+  command -v redis-server >/dev/null && return
+  apt_install redis-server
+}
+
 setup() { ensure_python; ensure_dataset; ensure_venv; }
 
 case "${1:-}" in
   up)    shift; setup; exec "$VENV/bin/coinserve" up "$@" ;;
-  test)  shift; setup; ensure_browser; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)  shift; setup; ensure_browser; ensure_redis; exec "$VENV/bin/python" -m pytest "$@" ;;
   setup) setup ;;
   *)     echo "usage: ./dev.sh up [coinserve up flags] | ./dev.sh test [pytest args] | ./dev.sh setup" >&2; exit 2 ;;
 esac

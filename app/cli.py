@@ -441,6 +441,8 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     import threading
 
+    from pydantic import ValidationError
+
     from app.group import GroupConfigError
     from app.main import create_app
     from app.serve import serve
@@ -451,7 +453,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     }
     if args.replica:
         overrides["replicas"] = dict(_replica(r) for r in args.replica)
-    settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"coinserve gateway: {problems}", file=sys.stderr)
+        return 2
     _configure_logging(args.log_level)
     drain = threading.Event()
     try:
@@ -483,6 +490,11 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--max-batch", dest="max_batch", type=int)
     p.add_argument("--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM")
     p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
+    p.add_argument(
+        "--stream-store",
+        dest="stream_store",
+        help="where /v1/requests event logs live: memory (default) or redis://HOST:PORT/DB, shared by every gateway",
+    )
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_cmd_gateway)
 

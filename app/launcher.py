@@ -139,6 +139,19 @@ def start(
     return cluster
 
 
+def add_gateway(cluster: Cluster, port: int, name: str = "gateway-b", env: dict[str, str] | None = None) -> Child:
+    """Another gateway over the same replicas, as a second pod behind a Service is: the first
+    gateway's command line and environment (`env` added), on `port`, gRPC off."""
+    first = next(c for c in cluster.children if c.name == "gateway")
+    assert first.args is not None and first.env is not None
+    args = list(first.args)
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--grpc-port") + 1] = "0"
+    child = spawn(name, port, args, {**first.env, **(env or {})}, first.log_dir)
+    cluster.children.append(child)
+    return child
+
+
 def wait_ready(cluster: Cluster, timeout_s: float = 120.0) -> None:
     """Poll every child's /v2/health/ready until each is ready and the gateway sees every replica;
     raise if one exits or the time runs out."""

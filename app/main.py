@@ -22,6 +22,7 @@ from app.fanout import Fanout
 from app.group import load_group
 from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
+from app.redis_store import RedisStore
 from app.replicas import ReplicaHealth
 from app.routes import console, health, infer, requests
 from app.rpc import start_server
@@ -44,11 +45,14 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
         client = ReplicaClient(settings)
         health_checks = ReplicaHealth(group, client, metrics, drain)
-        store = MemoryStore(settings.retention_s, settings.retention_max)
+        store = make_store(settings)
         fanout = Fanout(group, client, metrics, health_checks)
         gateway = Gateway(settings, group, client, fanout, store, metrics, health_checks, examples=examples)
         await health_checks.check_all()
         await health_checks.start()
+        if isinstance(store, RedisStore):
+            await store.start()
+            logger.info("stream store %s: %s", store.describe(), store.reason)
         trimmer = asyncio.create_task(trim_periodically(5.0), name="malloc-trim")
         gateway.lag.observe = metrics.loop_lag.observe
         gateway.lag.start()
@@ -63,6 +67,8 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
             await gateway.lag.stop()
             await health_checks.stop()
             await gateway.lifecycle.close()
+            if isinstance(store, RedisStore):
+                await store.close()
             await client.close()
 
     app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
@@ -70,6 +76,18 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
     app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
     _cors(app, settings.cors_origins)
     return app
+
+
+def make_store(settings: GatewaySettings) -> MemoryStore | RedisStore:
+    if settings.stream_store == "memory":
+        return MemoryStore(settings.retention_s, settings.retention_max)
+    return RedisStore(
+        settings.stream_store,
+        settings.retention_s,
+        settings.retention_max,
+        lease_s=settings.stream_lease_s,
+        timeout_s=settings.stream_store_timeout_s,
+    )
 
 
 def _cors(app: FastAPI, origins_text: str) -> None:

@@ -72,6 +72,18 @@ class GatewaySettings(BaseSettings):
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     retention_s: float = Field(300.0, gt=0, description="how long finished /v1/requests streams stay resumable")
     retention_max: int = Field(1000, ge=1, description="most retained /v1/requests streams")
+    stream_store: str = Field(
+        "memory",
+        description="where /v1/requests event logs live: 'memory' (this process) or redis://HOST:PORT/DB "
+        "(shared by every gateway: a stream followed or resumed on any of them)",
+    )
+    stream_lease_s: float = Field(
+        3.0,
+        gt=0,
+        description="with a redis stream store: a request whose gateway has not renewed its lease for this "
+        "long is ended with one error ('gateway lost') by the first gateway that notices",
+    )
+    stream_store_timeout_s: float = Field(0.5, gt=0, description="a Redis command slower than this has failed")
     health_interval_s: float = Field(2.0, gt=0, description="replica readiness re-check interval")
     health_backoff_max_s: float = Field(10.0, gt=0, description="longest wait between checks of a down replica")
     health_timeout_s: float = Field(1.0, gt=0, description="a health check slower than this is missed")
@@ -89,6 +101,12 @@ class GatewaySettings(BaseSettings):
     cors_origins: str = Field(
         "", description="comma-separated origins whose pages may call the gateway (CORS); empty: none"
     )
+
+    @model_validator(mode="after")
+    def _check_stream_store(self) -> GatewaySettings:
+        if self.stream_store != "memory" and not self.stream_store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"stream_store must be 'memory' or a redis:// URL, got {self.stream_store!r}")
+        return self
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> GatewaySettings:

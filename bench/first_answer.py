@@ -60,7 +60,10 @@ def measure(bundle: Path, count: int) -> dict[str, Any]:
         times = asyncio.run(_run(url, bodies, count))
     finally:
         cluster.stop()
-    rows = {arm: dict(zip(("p50_ms", "p99_ms"), (round(v, 3) for v in percentiles(t, (50, 99))), strict=True)) for arm, t in times.items()}
+    rows = {
+        arm: dict(zip(("p50_ms", "p99_ms"), (round(v, 3) for v in percentiles(t, (50, 99))), strict=True))
+        for arm, t in times.items()
+    }
     p50 = {arm: r["p50_ms"] for arm, r in rows.items()}
     return {
         "machine": machine(),

@@ -176,7 +176,7 @@ def replica_kernels(cluster: Any) -> dict[str, Any]:
 
     out = {}
     for child in cluster.children:
-        if child.name == "gateway":
+        if child.name.startswith("gateway"):
             continue
         meta = httpx.get(f"{child.url}/v2/models/{child.name}", timeout=10).json()["parameters"]
         out[child.name] = {"kernels": meta.get("kernels"), "int8_engine": meta.get("int8_engine")}

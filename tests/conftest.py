@@ -38,3 +38,23 @@ def tiny_bundle_copy(tiny_bundle_dir, tmp_path):
     import shutil
 
     return shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis (Debian's redis-server) on a free loopback port for the whole session."""
+    from bench.redis_server import redis_server as start
+
+    with start() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url

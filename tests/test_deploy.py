@@ -53,7 +53,7 @@ def test_every_workload_is_locked_down(rendered):
     _, docs = rendered
     deployments = of_kind(docs, "Deployment")
     assert len(deployments) == 6  # gateway + 4 members + 1 coded replica
-    for d in deployments:
+    for d in deployments + of_kind(docs, "StatefulSet"):  # prod: and the stream store's Redis
         pod = d["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -116,7 +116,7 @@ def test_each_replica_service_selects_only_its_own_model(rendered):
     }
     for service in of_kind(docs, "Service"):
         selector = service["spec"]["selector"]
-        if service["metadata"]["name"] == "gateway":
+        if service["metadata"]["name"] in ("gateway", "coinserve-redis"):  # the latter: the test below
             continue
         matched = [name for name, labels in pods.items() if selector.items() <= labels.items()]
         assert matched == [service["metadata"]["name"]]  # the Service and its Deployment share a name
@@ -146,6 +146,35 @@ def test_only_the_gateway_reaches_the_replicas(rendered):
     assert all(
         s in ({"app.kubernetes.io/component": "gateway"}, {"app.kubernetes.io/name": "prometheus"}) for s in sources
     )
+
+
+def test_prod_gateways_share_one_redis_that_only_they_reach(rendered):
+    """Issue 19: prod's gateway pods (at least two, no session affinity) share request event logs in
+    the redis component's StatefulSet; dev keeps the in-memory store of one process."""
+    overlay, docs = rendered
+    config = next(c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("coinserve-gateway"))
+    stores = of_kind(docs, "StatefulSet")
+    if overlay != "prod":
+        assert "COINSERVE_STREAM_STORE" not in config["data"] and not stores
+        return
+    (redis,) = stores
+    service = next(s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "coinserve-redis")
+    port = service["spec"]["ports"][0]["port"]
+    assert config["data"]["COINSERVE_STREAM_STORE"] == f"redis://coinserve-redis:{port}/0"
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    pod = redis["spec"]["template"]["spec"]
+    assert "volumeClaimTemplates" not in redis["spec"] and pod["volumes"][0]["emptyDir"]  # no PVC
+    assert "--save" in pod["containers"][0]["args"] and "noeviction" in pod["containers"][0]["args"]
+    assert pod["containers"][0]["image"].startswith("docker.io/library/redis:7")
+    policy = next(
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "coinserve-redis"}
+    )
+    assert [rule["from"] for rule in policy["spec"]["ingress"]] == [
+        [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
+    ]
+    assert not any(s["spec"].get("sessionAffinity") == "ClientIP" for s in of_kind(docs, "Service"))
 
 
 def test_replicas_keep_off_each_others_nodes(rendered):

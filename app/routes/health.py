@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import GatewayDep, GroupDep, check_version
+from app.redis_store import RedisStore
 
 router = APIRouter()
 
@@ -26,6 +27,12 @@ def _readiness(gw: GatewayDep) -> JSONResponse:
     body: dict[str, Any] = {"ready": True, "down": down}
     if down:
         body["reasons"] = gw.health.reasons()
+    store = gw.store
+    if isinstance(store, RedisStore):
+        body["stream_store"] = {"url": store.describe(), "ok": store.ok, "reason": store.reason}
+        if not store.ever_ok:  # lost later, it fails only /v1/requests (503): JSON and SSE calls go on
+            message = f"stream store {store.describe()} unreachable: {store.reason}"
+            return JSONResponse({**body, "ready": False, "error": message}, status_code=503)
     if gw.health.is_ready():
         return JSONResponse(body)
     body["ready"] = False

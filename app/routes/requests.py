@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, Response
 
 from app.admission import admit_request, admit_stream, check_deadline
 from app.deps import AuthorisedDep, GatewayDep, arrival_of
-from app.errors import BadRequestError, NotFoundError, TooManyRequestsError
+from app.errors import BadRequestError, NotFoundError, TooManyRequestsError, UnavailableError
 from app.lifecycle import Admitted
+from app.redis_store import StoreUnavailableError
 from app.responses import is_default
 from app.routes.infer import AdmittedStream, sse_events
 from app.validation import parse_request
@@ -45,9 +46,15 @@ async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
         images, given_id = parsed.images, parsed.request_id
         check_deadline(gw, options.deadline_ms, options.members, arrival)
         request_id = given_id or uuid.uuid4().hex
-        if await gw.store.get(request_id) is not None:
-            raise BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
-        log = await gw.store.create(request_id)
+        in_use = BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
+        try:
+            if await gw.store.get(request_id) is not None:
+                raise in_use
+            log = await gw.store.create(request_id)
+        except KeyError:  # created by another gateway between the two calls
+            raise in_use from None
+        except StoreUnavailableError as exc:
+            raise UnavailableError(f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
         if log is None:
             raise TooManyRequestsError(
                 "too many retained requests still running; retry shortly", headers={"Retry-After": "1"}
@@ -69,7 +76,10 @@ def _last_event_id(request: Request) -> int:
 
 @router.get("/v1/requests/{request_id}/events", responses={204: {"description": "the stream is complete"}})
 async def events(request_id: str, request: Request, gw: GatewayDep, _auth: AuthorisedDep) -> Response:
-    log = await gw.store.get(request_id)
+    try:
+        log = await gw.store.get(request_id)
+    except StoreUnavailableError as exc:
+        raise UnavailableError(f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
     if log is None:
         raise NotFoundError(
             f"no request {request_id!r} (unknown, or older than the {gw.settings.retention_s:g} s retention)"
