@@ -508,8 +508,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: serving, tail or soak (see bench/)")
-    p.add_argument("suite", choices=("serving", "tail", "soak"))
+    p = sub.add_parser("bench", help="run a benchmark: serving, tail, soak or peers (see bench/)")
+    p.add_argument("suite", choices=("serving", "tail", "soak", "peers"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags, e.g. --quick --json PATH")
     p.set_defaults(func=_cmd_bench)
 

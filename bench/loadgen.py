@@ -82,7 +82,10 @@ async def send_one(session: aiohttp.ClientSession, url: str, body: Body, sse: bo
                 data = await response.read()
                 ms = (time.perf_counter() - start) * 1000
                 length = response.headers.get("Inference-Header-Content-Length")
-                parsed = orjson.loads(data[: int(length)] if length else data) if data else None
+                try:
+                    parsed = orjson.loads(data[: int(length)] if length else data) if data else None
+                except orjson.JSONDecodeError:  # a peer's plain-text error (e.g. Ray's proxy time-out)
+                    parsed = None
                 outcome = "final" if response.status == 200 else f"http_{response.status}"
                 return Sample(start - t0, ms, ms, response.status, outcome, parsed)
             if response.status != 200:  # refused or failed before the stream started: a JSON error

@@ -226,7 +226,10 @@ def outcomes(run: Run, labels: np.ndarray, pauses: list[Pause], offset_s: float,
         correct = None
         if s.outcome == "final" and s.body:
             outputs = {o["name"]: o["data"] for o in s.body["outputs"]}
-            correct = bool(np.argmax(outputs["ensemble"]) == labels[int(s.body["id"])])
+            ensemble = outputs.get("ensemble")  # a peer without one (Triton's ensemble): the members' mean
+            if ensemble is None:
+                ensemble = np.mean([outputs[m] for m in slot_of if m in outputs], axis=0)
+            correct = bool(np.argmax(ensemble) == labels[int(s.body["id"])])
         paused = paused_slots(s.sent_at + offset_s, s.sent_at + offset_s + s.final_ms / 1000, pauses)
         values = {
             "sent_at": round(s.sent_at, 4),

@@ -545,12 +545,18 @@ def ccdf_plot(rows: list[Row], settings: dict[str, Any], load: float, intensity:
         label = r.name + (" (no stragglers)" if r.intensity == "none" else "")
         tail = 1 - np.arange(len(x)) / len(x)
         ax.plot(x, tail, label=f"{label}, n={len(x):,}", linestyle="--" if r.intensity == "none" else "-")
+    title = f"Latency, load {load:.0%} of capacity, {intensity} stragglers ({settings['split']} split)"
+    return save_ccdf(fig, ax, "time to first complete answer (ms, log scale)", title, path)
+
+
+def save_ccdf(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> str:
+    """A 1 − CDF plot's axes (log–log, the p99.9 line) and file."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.axhline(1e-3, color="grey", linewidth=0.8)
-    ax.set_xlabel("time to first complete answer (ms, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of requests slower (1 − CDF)")
-    ax.set_title(f"Latency, load {load:.0%} of capacity, {intensity} stragglers ({settings['split']} split)")
+    ax.set_title(title)
     return save(fig, ax, path)
 
 
