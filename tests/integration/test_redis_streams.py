@@ -33,6 +33,7 @@ SLOW = {"COINSERVE_WORKER_FAULT_STEP_DELAY_MS": "150"}  # 8 resolutions: a reque
 class Pair:
     service: Running  # the workers and gateway A
     b: launcher.Child  # gateway B over the same replicas
+    redis_url: str
 
     @property
     def a(self) -> str:
@@ -50,7 +51,7 @@ def two_gateways(bundle: Path, redis_url: str, extra_env: dict[str, str] | None 
     with running(bundle, env=env) as service:
         b = launcher.add_gateway(service.cluster, launcher.free_port())
         launcher.wait_ready(launcher.Cluster([b]), timeout_s=60)
-        yield Pair(service, b)
+        yield Pair(service, b, redis_url)
 
 
 def post(url: str, parameters: dict | None = None, seed: int = 0) -> httpx.Response:
@@ -69,60 +70,70 @@ def slow_bundle(coded_bundle, tmp_path_factory) -> Path:
     return with_plan(coded_bundle, [1, 2, 3, 4, 5, 6, 7], tmp_path_factory.mktemp("redis-plan"))
 
 
-def test_posted_on_one_gateway_followed_on_the_other_and_resumed_on_the_first(slow_bundle, redis_url):
-    with two_gateways(slow_bundle, redis_url, SLOW) as pair:
-        created = post(pair.a)
-        assert created.status_code == 202, created.text
-        request_id = created.json()["id"]
-        on_b = follow(pair.b_url, request_id)
-        ids = [e["id"] for e in on_b]
-        assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 8  # coarse, refined ..., final
-        assert [e["event"] for e in on_b][-1] == "final" and [e["event"] for e in on_b].count("final") == 1
-        middle = ids[len(ids) // 2]
-        resumed = follow(pair.a, request_id, after=middle)
-        assert resumed == on_b[middle:]  # the rest, nothing twice, nothing lost, the same bytes
-        for url in (pair.a, pair.b_url):  # complete: a reconnect at the end is told to stop
-            done = httpx.get(f"{url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": str(ids[-1])})
-            assert done.status_code == 204
-        # An id in use on one gateway is in use on the other.
-        again = httpx.post(f"{pair.b_url}/v1/requests", json={**request_body(1), "id": request_id}, timeout=10)
-        assert again.status_code == 400 and "already in use" in again.text
-        ready = httpx.get(f"{pair.b_url}/v2/health/ready").json()
-        assert ready["stream_store"] == {"url": redis_url, "ok": True, "reason": "ok"}
+@pytest.fixture(scope="module")
+def slow_pair(slow_bundle, redis_server: RedisServer) -> Iterator[Pair]:
+    """Two gateways over slow workers, shared by the next two tests: the second SIGKILLs gateway A."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    with two_gateways(slow_bundle, redis_server.url, SLOW) as pair:
+        yield pair
 
 
-def test_a_request_whose_gateway_is_killed_ends_with_one_error_on_the_other(slow_bundle, redis_url):
-    with two_gateways(slow_bundle, redis_url, SLOW) as pair:
-        request_id = post(pair.a).json()["id"]
-        text, first = "", threading.Event()
-        killed_at: list[float] = []
-        got_error_at: list[float] = []
+def test_posted_on_one_gateway_followed_on_the_other_and_resumed_on_the_first(slow_pair):
+    pair = slow_pair
+    created = post(pair.a)
+    assert created.status_code == 202, created.text
+    request_id = created.json()["id"]
+    on_b = follow(pair.b_url, request_id)
+    ids = [e["id"] for e in on_b]
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 8  # coarse, refined ..., final
+    assert [e["event"] for e in on_b][-1] == "final" and [e["event"] for e in on_b].count("final") == 1
+    middle = ids[len(ids) // 2]
+    resumed = follow(pair.a, request_id, after=middle)
+    assert resumed == on_b[middle:]  # the rest, nothing twice, nothing lost, the same bytes
+    for url in (pair.a, pair.b_url):  # complete: a reconnect at the end is told to stop
+        done = httpx.get(f"{url}/v1/requests/{request_id}/events", headers={"Last-Event-ID": str(ids[-1])})
+        assert done.status_code == 204
+    # An id in use on one gateway is in use on the other.
+    again = httpx.post(f"{pair.b_url}/v1/requests", json={**request_body(1), "id": request_id}, timeout=10)
+    assert again.status_code == 400 and "already in use" in again.text
+    ready = httpx.get(f"{pair.b_url}/v2/health/ready").json()
+    assert ready["stream_store"] == {"url": pair.redis_url, "ok": True, "reason": "ok"}
 
-        def read() -> None:
-            nonlocal text
-            with httpx.stream("GET", f"{pair.b_url}/v1/requests/{request_id}/events", timeout=30) as r:
-                for chunk in r.iter_text():
-                    text += chunk
-                    if "event: coarse" in text:
-                        first.set()
-                    if "event: error" in text and not got_error_at:
-                        got_error_at.append(time.monotonic())
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert first.wait(10)
-        pair.service.signal("gateway", signal.SIGKILL)
-        killed_at.append(time.monotonic())
-        reader.join(15)
-        assert not reader.is_alive()
-        events = parse_sse(text)
-        kinds = [e["event"] for e in events]
-        assert kinds.count("error") == 1 and kinds[-1] == "error" and "final" not in kinds, kinds
-        assert events[-1]["data"] == {"error": "gateway lost"}
-        assert [e["id"] for e in events] == list(range(1, len(events) + 1))
-        assert got_error_at[0] - killed_at[0] <= LEASE_S + 1.0
-        # Read again, on B, from the start: the same log, still exactly one terminal event.
-        assert follow(pair.b_url, request_id) == events
+def test_a_request_whose_gateway_is_killed_ends_with_one_error_on_the_other(slow_pair):
+    pair = slow_pair
+    request_id = post(pair.a).json()["id"]
+    text, first = "", threading.Event()
+    killed_at: list[float] = []
+    got_error_at: list[float] = []
+
+    def read() -> None:
+        nonlocal text
+        with httpx.stream("GET", f"{pair.b_url}/v1/requests/{request_id}/events", timeout=30) as r:
+            for chunk in r.iter_text():
+                text += chunk
+                if "event: coarse" in text:
+                    first.set()
+                if "event: error" in text and not got_error_at:
+                    got_error_at.append(time.monotonic())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first.wait(10)
+    pair.service.signal("gateway", signal.SIGKILL)
+    killed_at.append(time.monotonic())
+    reader.join(15)
+    assert not reader.is_alive()
+    events = parse_sse(text)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("error") == 1 and kinds[-1] == "error" and "final" not in kinds, kinds
+    assert events[-1]["data"] == {"error": "gateway lost"}
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert got_error_at[0] - killed_at[0] <= LEASE_S + 1.0
+    # Read again, on B, from the start: the same log, still exactly one terminal event.
+    assert follow(pair.b_url, request_id) == events
 
 
 def test_redis_paused_fails_only_detached_requests_and_they_come_back(coded_bundle, redis_server: RedisServer):
@@ -199,7 +210,7 @@ def test_bench_gateway_killed_under_load_every_accepted_request_ends_once_on_the
     """The smoke run of bench/redis_streams.py's `kill` scenario: 30 detached requests/s, each ~0.5 s."""
     from bench.redis_streams import kill_scenario
 
-    summary = kill_scenario(coded_bundle, rate=30, kill_at_s=1.5, lease_s=LEASE_S, step_delay_ms=500)["summary"]
+    summary = kill_scenario(coded_bundle, rate=30, kill_at_s=1.2, lease_s=LEASE_S, step_delay_ms=500)["summary"]
     assert summary["accepted"] >= 20 and summary["accepted_202_but_unknown_on_b"] == 0
     assert summary["with_exactly_one_terminal_last"] == summary["accepted"]
     assert summary["ended_gateway_lost"] > 0  # some were running when A died
