@@ -72,13 +72,24 @@ class LogStore(Protocol):
     async def expire(self) -> None: ...
 
 
+class LogGoneError(Exception):
+    """A shared log was removed while a reader followed it (retention, the count cap, a store restart)."""
+
+
 async def follow(log: EventLog, after: int, keepalive_s: float) -> AsyncIterator[Event | None]:
     """Events with seq > `after`, then live ones until the terminal one; None means 'no event for
-    `keepalive_s`: send a keep-alive'. Waits happen in the caller's task (no timeout crosses tasks)."""
+    `keepalive_s`: send a keep-alive'. Waits happen in the caller's task (no timeout crosses tasks).
+    It also ends, without a terminal event, when there is nothing more to read: the log is complete
+    and `after` is past its end, or a shared log was removed meanwhile."""
     seen = after
     while True:
-        events = await log.wait(seen, keepalive_s)
+        try:
+            events = await log.wait(seen, keepalive_s)
+        except LogGoneError:
+            return
         if not events:
+            if log.done and seen >= log.last_seq:
+                return
             yield None
             continue
         for event in events:

@@ -33,9 +33,9 @@ from typing import Any, cast
 
 import orjson
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 
-from app.eventlog import Event
+from app.eventlog import Event, LogGoneError
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,19 @@ INDEX = "coinserve:index"
 RUNNING = "coinserve:running"
 GATEWAY_LOST = "gateway lost"
 POLL_S = 0.5  # longest single XREAD BLOCK: a reader checks its request's lease at least this often
+COMMAND_CONNECTIONS = 256  # pooled connections for commands (appends, creates, sweeps)
+READER_CONNECTIONS = 1024  # one per blocked follower at a time: above the gateway's MAX_OPEN_STREAMS (256)
 
 # KEYS: meta, lease, index, running. ARGV: id, owner, lease_ms, now_ms, retention_max, prefix.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- A retry of this gateway's own create that reached Redis after its caller timed out.
+  if redis.call('HGET', KEYS[1], 'owner') == ARGV[2] and redis.call('HGET', KEYS[1], 'last') == '0' then
+    redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+    return 'ok'
+  end
+  return 'exists'
+end
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
   local freed = false
   for _, rid in ipairs(redis.call('ZRANGE', KEYS[3], 0, 199)) do
@@ -76,9 +85,21 @@ return 'ok'
 _APPEND = """
 local done = redis.call('HGET', KEYS[1], 'done')
 if not done then return 'gone' end
+local seq, last = tonumber(ARGV[2]), tonumber(redis.call('HGET', KEYS[1], 'last'))
+if seq <= last then
+  -- A retry of an append that reached Redis after its caller timed out: the same event is there.
+  local entry = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-0', ARGV[2] .. '-0')
+  if #entry == 1 then
+    local f = {}
+    for i = 1, #entry[1][2], 2 do f[entry[1][2][i]] = entry[1][2][i + 1] end
+    if f['n'] == ARGV[3] and f['d'] == ARGV[5] then return 'ok' end
+  end
+  if done == '1' then return 'done' end
+  return 'seq'
+end
 if done == '1' then return 'done' end
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'owned' end
-if tonumber(ARGV[2]) ~= tonumber(redis.call('HGET', KEYS[1], 'last')) + 1 then return 'seq' end
+if seq ~= last + 1 then return 'seq' end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'n', ARGV[3], 's', ARGV[4], 'd', ARGV[5])
 redis.call('HSET', KEYS[1], 'last', ARGV[2])
 if ARGV[6] == '1' then
@@ -118,6 +139,7 @@ class RedisLog:
         self.meta, self.stream, self.lease = _keys(request_id)
         self._last_seq = last_seq
         self._done = done
+        self._lost = False  # ended by another gateway while this one owned it: later appends are dropped
 
     @property
     def done(self) -> bool:
@@ -136,6 +158,8 @@ class RedisLog:
     async def append(self, event: Event) -> None:
         """The owner's append; retried while Redis is away, for at most the lease (then the request
         is someone else's to end: its lease runs out and the first gateway to notice ends it)."""
+        if self._lost:
+            return
         try:
             outcome = await self.store.retrying(lambda: self.store.append_script(self.request_id, event, orphan=False))
         finally:
@@ -145,7 +169,7 @@ class RedisLog:
             self._saw([event])
         elif outcome == "done" and not self._done:  # its lease expired while it ran: another gateway ended it
             self.store.owned.discard(self.request_id)
-            self._done = True
+            self._done = self._lost = True
             logger.warning("request %s was ended as lost before its %s event", self.request_id, event.name)
         elif outcome == "done":
             raise RuntimeError(f"event {event.name} appended after the terminal event")
@@ -169,6 +193,12 @@ class RedisLog:
                 reply: Any = await self.store.blocking.xread({self.stream: f"{max(after, 0)}-0"}, block=block_ms)
                 if reply:
                     return self._saw(_events(reply[0][1]))
+                state: Any = await self.store.redis.hmget(self.meta, ["last", "done"])
+                if state[0] is None:  # expired, evicted, or Redis lost its data: nothing more will come
+                    raise LogGoneError(self.request_id)
+                self._last_seq, self._done = int(state[0]), state[1] == b"1"
+                if self._done and after >= self._last_seq:
+                    return []
                 if not self._done:
                     await self.store.end_if_orphaned(self.request_id)
             except RedisError as exc:
@@ -191,9 +221,14 @@ class RedisStore:
         self.owned: set[str] = set()  # requests this gateway runs: their leases are renewed
         # Commands give up after `timeout_s` (a paused Redis must not hold a POST for long); the
         # blocking reads have their own connections, with room for a POLL_S block.
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, max_connections=COMMAND_CONNECTIONS
+        )
         self.blocking = aioredis.Redis.from_url(
-            url, socket_timeout=POLL_S + timeout_s + 1.0, socket_connect_timeout=timeout_s
+            url,
+            socket_timeout=POLL_S + timeout_s + 1.0,
+            socket_connect_timeout=timeout_s,
+            max_connections=READER_CONNECTIONS,
         )
         self._create = self.redis.register_script(_CREATE)
         self._append = self.redis.register_script(_APPEND)
@@ -274,7 +309,7 @@ class RedisStore:
         while True:
             try:
                 return await call()
-            except (RedisError, OSError):
+            except (RedisConnectionError, RedisTimeoutError, OSError):  # not a refusal (e.g. OOM): that is final
                 if time.monotonic() + delay > end:
                     raise
                 await asyncio.sleep(delay)
@@ -283,7 +318,7 @@ class RedisStore:
     async def append_script(self, request_id: str, event: Event, orphan: bool) -> str:
         meta, stream, lease = _keys(request_id)
         args: list[Any] = [request_id, event.seq, event.name, event.status, event.data, int(event.terminal)]
-        args += [int(self.retention_s * 1000), int(orphan)]
+        args += [max(1, int(self.retention_s * 1000)), int(orphan)]
         reply = await self._append(keys=[meta, stream, lease, RUNNING], args=args)
         return cast(bytes, reply).decode()
 

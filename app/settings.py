@@ -79,7 +79,7 @@ class GatewaySettings(BaseSettings):
     )
     stream_lease_s: float = Field(
         3.0,
-        gt=0,
+        ge=0.1,
         description="with a redis stream store: a request whose gateway has not renewed its lease for this "
         "long is ended with one error ('gateway lost') by the first gateway that notices",
     )

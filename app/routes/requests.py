@@ -87,4 +87,6 @@ async def events(request_id: str, request: Request, gw: GatewayDep, _auth: Autho
     after = _last_event_id(request)
     if log.done and after >= log.last_seq:
         return Response(status_code=204)
+    if after > log.last_seq:  # no client has seen an id the log has not written yet
+        raise BadRequestError(f"Last-Event-ID {after} is past the stream's last event ({log.last_seq})")
     return AdmittedStream(sse_events(gw, log, after), admit_stream(gw))

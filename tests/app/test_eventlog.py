@@ -107,4 +107,14 @@ async def test_finished_logs_expire_after_the_retention_window(make_store):
     log = await store.create("a")
     assert log is not None
     await log.append(_event(1, "final"))
+    await asyncio.sleep(0.01)  # Redis's shortest TTL is 1 ms
     assert await store.get("a") is None
+
+
+@pytest.mark.anyio
+async def test_following_past_the_end_of_a_complete_log_ends_at_once(make_store):
+    log = await (await make_store(60, 10)).create("r1")
+    assert log is not None
+    await log.append(_event(1, "final"))
+    gen = follow(log, after=5, keepalive_s=5)
+    assert [e async for e in gen] == []  # no keep-alive loop on a log that can say nothing more

@@ -126,3 +126,62 @@ async def test_a_paused_redis_fails_fast_and_the_store_recovers_by_itself(redis_
         assert await store.create("r1") is not None
     finally:
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_retried_append_that_already_landed_is_accepted_once(redis_url):
+    """A command that timed out at the client may still run in Redis: its retry must not fail."""
+    store = await _store(redis_url)
+    try:
+        assert await store.create("r1") is not None
+        assert await store.create("r1") is not None  # the retried create of this gateway's own log
+        event = _event(1)
+        assert await store.append_script("r1", event, orphan=False) == "ok"
+        assert await store.append_script("r1", event, orphan=False) == "ok"  # the retry
+        assert await store.append_script("r1", Event(1, "coarse", 200, b"other"), orphan=False) == "seq"
+        final = _event(2, "final")
+        assert await store.append_script("r1", final, orphan=False) == "ok"
+        assert await store.append_script("r1", final, orphan=False) == "ok"  # a retried terminal event
+        assert [e.seq for e in await (await store.get("r1")).read(0)] == [1, 2]  # type: ignore[union-attr]
+        other = await _store(redis_url)
+        try:
+            with pytest.raises(KeyError):  # another gateway's create of the same id is refused
+                await other.create("r1")
+        finally:
+            await other.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_an_owner_found_lost_drops_every_later_event_quietly(redis_url):
+    a = await _store(redis_url, lease_s=0.3)
+    log = await a.create("r1")
+    assert log is not None
+    a.owned.clear()  # A stops renewing (cut off, paused), but its request task goes on
+    await asyncio.sleep(0.5)
+    b = await _store(redis_url, lease_s=0.3)
+    try:
+        await b.end_if_orphaned("r1")  # if A's own sweep has not ended it already
+        for event in (_event(1), _event(2, "refined"), _event(3, "final")):
+            await log.append(event)  # dropped, never an exception into the request's task
+        assert [e.name for e in await (await b.get("r1")).read(0)] == ["error"]  # type: ignore[union-attr]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.anyio
+async def test_a_follower_ends_when_its_log_is_removed_under_it(redis_url):
+    store = await _store(redis_url)
+    try:
+        log = await store.create("r1")
+        assert log is not None
+        await log.append(_event(1))
+        reader = asyncio.create_task(_collect(follow(log, 0, keepalive_s=0.2)))
+        await asyncio.sleep(0.1)
+        await store.redis.delete(*(f"coinserve:r:r1:{part}" for part in ("meta", "events", "lease")))
+        events = await asyncio.wait_for(reader, 3)  # not keep-alives forever
+        assert [e.seq for e in events] == [1]
+    finally:
+        await store.close()
