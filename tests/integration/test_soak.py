@@ -17,7 +17,14 @@ def test_one_minute_soak_loses_nothing_and_leaks_nothing(coded_bundle):
     summary = {k: result.get(k) for k in shown}  # what a failure needs, not the series (pytest would cut it)
     assert result["sent"] > 1000, summary
     assert result["lost"] == 0, summary
-    assert result["finals"] > 0.9 * result["sent"], summary  # errors are allowed, but they are the exception
+    # Overload refusals (503 + Retry-After at once, deadline requests only) are the documented answer to
+    # a loop that lags, and the load generator shares this process and the two cores: a run alone
+    # refused 6%, full-suite runs up to 14%. Other errors (504 at a deadline, an error event) must stay
+    # the exception, and refusals must not become the rule.
+    other_errors = result["errors"] - result["refused"]
+    assert other_errors < 0.02 * result["sent"], summary
+    assert result["refused"] < 0.25 * result["sent"], summary
+    assert result["finals"] > 0.7 * result["sent"], summary
     assert result["kills"] >= 3, summary
     assert result["all_alive_at_end"], summary
     judged = [p for p in result["processes"] if p["judged"]]
