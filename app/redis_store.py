@@ -200,7 +200,7 @@ class RedisLog:
                 if self._done and after >= self._last_seq:
                     return []
                 if not self._done:
-                    await self.store.end_if_orphaned(self.request_id)
+                    await self.store.end_if_orphaned(self.request_id, self._last_seq)
             except RedisError as exc:
                 logger.debug("reading %s: %s", self.request_id, exc)
                 await asyncio.sleep(min(POLL_S, max(end - time.monotonic(), 0)))
@@ -322,17 +322,19 @@ class RedisStore:
         reply = await self._append(keys=[meta, stream, lease, RUNNING], args=args)
         return cast(bytes, reply).decode()
 
-    async def end_if_orphaned(self, request_id: str) -> bool:
+    async def end_if_orphaned(self, request_id: str, last: int | None = None) -> bool:
         """Append the `gateway lost` error if the request's lease has expired and it has no terminal
-        event yet; exactly one gateway succeeds (the check and the append are one script)."""
+        event yet; exactly one gateway succeeds (the check and the append are one script). `last`:
+        the log's last seq if the caller has just read it (the script refuses a stale one)."""
         if request_id in self.owned:
             return False
-        meta, _, _ = _keys(request_id)
-        last = await self.redis.hget(meta, "last")
         if last is None:
-            return False
+            stored = await self.redis.hget(_keys(request_id)[0], "last")
+            if stored is None:
+                return False
+            last = int(stored)
         data = orjson.dumps({"error": GATEWAY_LOST})
-        outcome = await self.append_script(request_id, Event(int(last) + 1, "error", 503, data), orphan=True)
+        outcome = await self.append_script(request_id, Event(last + 1, "error", 503, data), orphan=True)
         if outcome == "ok":
             logger.warning("request %s: its gateway's lease expired; ended with %r", request_id, GATEWAY_LOST)
             return True
