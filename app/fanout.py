@@ -85,6 +85,7 @@ class Fanout:
         self.latency = LatencyTracker(quantile=group.hedge_quantile)
         self.load = ReplicaLoad()
         self.activity = Activity()  # what the console shows: recent calls, decode counts
+        self.clock = time.perf_counter  # the request bookkeeping's clock (a test steps it)
         settings = client.settings
         self.patient = settings.decode_policy == "patient"
         self.patience = Patience(
@@ -260,13 +261,13 @@ class _Run:
         self.pending: set[str] = set()
         self.seq = 0
         self.last: dict[str, tuple[int, bool]] | None = None
-        self.dispatched = time.perf_counter()  # when the replica calls went out: patience counts from here
+        self.dispatched = self.fanout.clock()  # when the replica calls went out: patience counts from here
 
     def _update(
         self, event: str, answers: dict[str, Answer] | None = None, error: str | None = None, status: int = 200
     ) -> Update:
         self.seq += 1
-        elapsed = (time.perf_counter() - self.started) * 1000
+        elapsed = (self.fanout.clock() - self.started) * 1000
         return Update(event, self.seq, round(elapsed, 3), answers or {}, self.members, error, status)
 
     def _accept(self, name: str, item: Any) -> None:
@@ -297,7 +298,7 @@ class _Run:
     ) -> Update:
         self.pending = set(tasks)
         if self.options.deadline_ms is not None:
-            remaining = self.started + self.options.deadline_ms / 1000 - time.perf_counter()
+            remaining = self.started + self.options.deadline_ms / 1000 - self.fanout.clock()
         else:
             remaining = self.fanout.client.settings.upstream_timeout_s
         answers: dict[str, Answer] = {}
@@ -306,22 +307,27 @@ class _Run:
         # The deadline is a plain wait with a time-out, never a cancellation: a cancellation that
         # races an arriving answer can be swallowed (asyncio.wait_for), and the request would run on
         # past its deadline.
-        deadline = time.perf_counter() + max(remaining, 0.0)
-        wake: float | None = None
+        deadline = self.fanout.clock() + max(remaining, 0.0)
+        wake_at: float | None = None  # when the next member becomes late (patient policy)
         getter: asyncio.Future[tuple[str, Any]] | None = None
         try:
-            while (left := deadline - time.perf_counter()) > 0:
+            while (left := deadline - self.fanout.clock()) > 0:
                 getter = getter or asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=left if wake is None else min(left, wake))
+                timeout = left if wake_at is None else max(0.0, min(deadline, wake_at) - self.fanout.clock())
+                done, _ = await asyncio.wait({getter}, timeout=timeout)
                 if done:  # else a member's patience ran out (it is late now) or the deadline came
                     name, item = getter.result()
                     getter = None
                     self._accept(name, item)
+                # One reading of the clock for both questions below: a member whose patience runs out
+                # between two readings would be neither late nor waited for, and the request would
+                # wait for an answer that never comes (issue 27).
+                now = self.fanout.clock()
                 answers = self.fanout.decoder.answers(self.real, self.coded, self.members)
                 if len(answers) == len(self.members):
                     if not self.pending and not self._ask_final(answers, tasks):
                         return self._final(answers)  # nothing left that could improve it
-                    late = self._late()
+                    late = self._late(now)
                     usable = (
                         answers
                         if late is None
@@ -334,7 +340,7 @@ class _Run:
                         await emit(update)
                 elif not self.pending:
                     return self._failed()
-                wake = self._until_late(answers)
+                wake_at = self._late_at(now)
         finally:
             if getter is not None:
                 getter.cancel()
@@ -372,36 +378,37 @@ class _Run:
         self.fanout.metrics.final_asks.inc(len(names))
         return True
 
-    def _late(self) -> set[str] | None:
-        """Members whose answers may be decoded for the final: all (None) under the eager policy;
-        under the patient one, those that are late: their call has run past their patience, or has
-        ended without the answer (failed, or never sent: an open circuit)."""
+    def _late(self, now: float) -> set[str] | None:
+        """Members whose answers may be decoded for the final at `now`: all (None) under the eager
+        policy; under the patient one, those that are late: their call has run past their patience, or
+        has ended without the answer (failed, or never sent: an open circuit)."""
         if not self.fanout.patient:
             return None
-        elapsed = time.perf_counter() - self.dispatched
+        elapsed = now - self.dispatched
         budget = self.fanout.patience.budget_s
         return {m for m in self.members if m not in self.pending or elapsed >= budget(m)}
 
-    def _until_late(self, answers: dict[str, Answer]) -> float | None:
-        """Seconds until the next member that lacks its own final answer becomes late (None: no such
-        member, or the eager policy): the loop wakes then to decode it."""
+    def _late_at(self, now: float) -> float | None:
+        """When the next member that lacks its own final answer and is not late at `now` becomes late
+        (None: no such member, or the eager policy): the loop wakes then to decode it. Members late
+        at `now` are `_late(now)`'s; every other one is here, whatever the clock reads later."""
         if not self.fanout.patient:
             return None
-        elapsed = time.perf_counter() - self.dispatched
+        elapsed = now - self.dispatched
         final = self.group.resolutions - 1
-        waits = [
-            self.fanout.patience.budget_s(m) - elapsed
+        budgets = [
+            self.fanout.patience.budget_s(m)
             for m in self.members
             if m in self.pending and not (m in self.real and self.real[m].resolution == final)
         ]
-        positive = [w for w in waits if w > 0]
-        return min(positive) if positive else None
+        ahead = [b for b in budgets if b > elapsed]
+        return self.dispatched + min(ahead) if ahead else None
 
     def _final(self, answers: dict[str, Answer]) -> Update:
         """The final; members whose calls it cuts short are recorded at the time they were cut (a
         lower bound of their latency, so that a node that slowed down for good raises its patience)."""
         if self.fanout.patient:
-            elapsed = time.perf_counter() - self.dispatched
+            elapsed = self.fanout.clock() - self.dispatched
             for m, answer in answers.items():
                 if not answer.real and m in self.pending:
                     self.fanout.patience.record(m, elapsed)

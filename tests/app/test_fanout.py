@@ -246,3 +246,37 @@ def test_patience_is_a_quantile_of_recent_calls_plus_the_margin():
         patience.record("m0", seconds)
     assert patience.budget_s("m0") == pytest.approx(float(np.quantile(samples, 0.9)) + 0.005)
     assert changes and changes[-1][0] == "m0"
+
+
+class SteppedClock:
+    """The fan-out's clock: real time plus jumps made by hand, so a member's patience can run out at
+    an exact moment (between two readings of the clock)."""
+
+    def __init__(self) -> None:
+        self.jumped = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() + self.jumped
+
+
+@pytest.mark.anyio
+async def test_a_member_whose_patience_runs_out_while_an_update_is_emitted_is_still_decoded():
+    """Issue 27's hang, made deterministic by a stepped clock:
+    1. m0 and m1 answer at once; m2 never does (paused by SIGSTOP);
+    2. the coded replica's answer comes last (its call stays open): every member has an answer (m2's
+       decoded), but m2 is not late yet, so a `coarse` update goes out;
+    3. while that update is emitted, m2's patience (50 ms + 5 ms) runs out; no other answer will come.
+    Result: m2 is decoded at once, not when the upstream time-out (2 s) ends the wait."""
+    clock = SteppedClock()
+    script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "c": [(0.01, 1), (3600, 1)]}
+    client = ScriptedClient(script, patience_initial_ms=50)
+    fanout = _fanout(client)
+    fanout.clock = clock
+
+    async def emit(update: Update) -> None:
+        clock.jumped += 0.1  # the patience runs out between two readings of the clock
+
+    started = time.perf_counter()
+    update = await fanout.execute(np.zeros((1, 1, 28, 28), np.float32), Options(stream=True), clock(), emit)
+    assert update.event == "final" and update.decoded_members() == ["m2"]
+    assert time.perf_counter() - started < 0.5
