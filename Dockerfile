@@ -37,6 +37,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     COINSERVE_WORKER_BUNDLE=/opt/coinserve/bundle
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000 8001 8080
+# 8000 gateway HTTP, 8001 gateway gRPC, 8080 worker HTTP (probes, metrics), 8081 worker channel
+EXPOSE 8000 8001 8080 8081
 ENTRYPOINT ["coinserve"]
 CMD ["gateway", "--host", "0.0.0.0", "--port", "8000"]

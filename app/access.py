@@ -41,7 +41,7 @@ class AccessLogMiddleware:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
             await _too_large(send, request_id, self.max_body_bytes)
-            self._log(scope, 413, start, request_id)
+            log_access(scope, 413, start, request_id)
             return
         seen = 0
 
@@ -67,20 +67,21 @@ class AccessLogMiddleware:
                 await _too_large(send, request_id, self.max_body_bytes)
                 status["code"] = 413
         finally:
-            self._log(scope, int(status["code"]), start, request_id)
+            log_access(scope, int(status["code"]), start, request_id)
 
-    @staticmethod
-    def _log(scope: Scope, status: int, start: float, request_id: str) -> None:
-        if logger.isEnabledFor(logging.INFO):
-            record: dict[str, Any] = {
-                "request_id": request_id,
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "status": status,
-                "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                "client": (scope.get("client") or ("", 0))[0],
-            }
-            logger.info("%s", json.dumps(record))
+
+def log_access(scope: Scope, status: int, start: float, request_id: str) -> None:
+    """One structured access-log line (at INFO) per request, on every route."""
+    if logger.isEnabledFor(logging.INFO):
+        record: dict[str, Any] = {
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": status,
+            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+            "client": (scope.get("client") or ("", 0))[0],
+        }
+        logger.info("%s", json.dumps(record))
 
 
 async def _too_large(send: Send, request_id: str, limit: int) -> None:

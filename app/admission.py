@@ -29,179 +29,101 @@ Two bounds, both answered at once (never by queueing):
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from app.errors import TooManyRequestsError, UnavailableError
-
-if TYPE_CHECKING:
-    from app.state import Gateway
-
-
-@dataclass
-class _Replica:
-    in_flight: int = 0
-    completions: deque[float] = field(default_factory=deque)  # perf_counter of each completed call
+from app.group import Group
+from app.measures import LoopLag, ReplicaLoad
+from app.metrics import GatewayMetrics
+from app.settings import GatewaySettings
 
 
-class ReplicaLoad:
-    """Calls in flight and recent completions per replica, and the wait a new call can expect."""
-
-    def __init__(self, window_s: float = 1.0, min_completions: int = 5) -> None:
-        self.window_s = window_s
-        self.min_completions = min_completions
-        self.replicas: dict[str, _Replica] = {}
-
-    def _of(self, name: str) -> _Replica:
-        replica = self.replicas.get(name)
-        if replica is None:
-            replica = self.replicas[name] = _Replica()
-        return replica
-
-    def started(self, name: str) -> None:
-        self._of(name).in_flight += 1
-
-    def finished(self, name: str, completed: bool, now: float | None = None) -> None:
-        replica = self._of(name)
-        replica.in_flight -= 1
-        if completed:
-            replica.completions.append(time.perf_counter() if now is None else now)
-
-    def expected_wait_s(self, name: str, now: float | None = None) -> float | None:
-        """L / X for a new call on `name`, or None without enough recent completions to tell."""
-        replica = self.replicas.get(name)
-        if replica is None or replica.in_flight == 0:
-            return 0.0
-        now = time.perf_counter() if now is None else now
-        completions = replica.completions
-        while completions and completions[0] < now - self.window_s:
-            completions.popleft()
-        if len(completions) < self.min_completions:
-            return None
-        return replica.in_flight / (len(completions) / self.window_s)
-
-    def expected_start_s(self, replicas: list[str], needed: int, now: float | None = None) -> float:
-        """The wait until `needed` of `replicas` can have answered: the needed-th smallest estimate
-        (a replica that gives no estimate counts as ready at once)."""
-        waits = sorted(w if (w := self.expected_wait_s(n, now)) is not None else 0.0 for n in replicas)
-        return waits[needed - 1] if waits else 0.0
-
-
-class LoopLag:
-    """How far behind the event loop is: the overshoot of a short periodic sleep, averaged over the
-    ticks of the last `window_s` (one burst or one slow callback does not count as overload, a
-    loop that stays behind does), and at least the time since the last tick was due (a loop that
-    has fallen far behind runs few ticks, and must not wait for them to notice)."""
+class Admission:
+    """The gateway's limits and its overload guard; counts what is in flight."""
 
     def __init__(
-        self, interval_s: float = 0.005, window_s: float = 0.1, observe: Callable[[float], None] | None = None
+        self,
+        settings: GatewaySettings,
+        group: Group,
+        metrics: GatewayMetrics,
+        lag: LoopLag,
+        load: ReplicaLoad,
+        skipped: Callable[[], set[str]],
     ) -> None:
-        self.interval_s = interval_s
-        self.window_s = window_s
-        self.ticks: deque[tuple[float, float]] = deque()  # (when, lag)
-        self.last = time.perf_counter()
-        self.observe = observe
-        self._task: asyncio.Task[None] | None = None
+        self.settings, self.group, self.metrics = settings, group, metrics
+        self.lag, self.load, self.skipped = lag, load, skipped
+        self.inflight = 0
+        self.open_streams = 0
+        self._refused = {r: metrics.refused.labels(r) for r in ("limit", "streams", "overloaded", "deadline")}
 
-    @property
-    def lag_s(self) -> float:
+    def request(self) -> Slot:
+        if self.inflight >= self.settings.max_concurrent_requests:
+            self._refused["limit"].inc()
+            raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
+        return Slot(self, stream=False)
+
+    def stream(self) -> Slot:
+        if self.open_streams >= self.settings.max_open_streams:
+            self._refused["streams"].inc()
+            raise TooManyRequestsError("too many open event streams; retry shortly", headers={"Retry-After": "1"})
+        return Slot(self, stream=True)
+
+    def check_deadline(self, deadline_ms: float | None, members: list[str] | None, arrival: float) -> None:
+        """Refuse (503 + Retry-After) a request with a deadline while the gateway's loop is behind, or
+        that its replicas cannot start before its deadline. A request without one is only bounded by
+        the limits: it may wait, it has nothing to miss."""
+        if deadline_ms is None:
+            return
+        settings = self.settings
+        lag_s = self.lag.lag_s
+        behind = lag_s * 1000 > max(settings.overload_lag_ms, settings.overload_lag_fraction * deadline_ms)
+        if behind and self.inflight >= settings.overload_min_inflight:
+            self._refused["overloaded"].inc()
+            raise UnavailableError(
+                f"overloaded: the gateway is {lag_s * 1000:.0f} ms behind; retry shortly", headers={"Retry-After": "1"}
+            )
         now = time.perf_counter()
-        overdue = now - self.last - self.interval_s
-        ticks = self.ticks
-        while ticks and ticks[0][0] < now - self.window_s:
-            ticks.popleft()
-        recent = sum(lag for _, lag in ticks) / len(ticks) if ticks else 0.0
-        return max(recent, overdue, 0.0)
-
-    async def _run(self) -> None:
-        while True:
-            self.last = before = time.perf_counter()
-            await asyncio.sleep(self.interval_s)
-            now = time.perf_counter()
-            lag = max(0.0, now - before - self.interval_s)
-            self.ticks.append((now, lag))
-            if self.observe is not None:
-                self.observe(lag)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="loop-lag")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        left_s = deadline_ms / 1000 - (now - arrival)
+        group = self.group
+        if members is None or members == group.members:
+            skipped = self.skipped()
+            replicas = [n for n in [*group.members, *group.coded] if n not in skipped]
+            needed = len(group.members)
+        else:
+            replicas, needed = list(members), len(members)
+        if needed > len(replicas):
+            return  # not answerable at all: the request fails fast on its own, with the reason
+        wait_s = self.load.expected_start_s(replicas, needed, now)
+        if wait_s >= left_s:
+            self._refused["deadline"].inc()
+            retry = max(1, round(wait_s))
+            raise UnavailableError(
+                f"overloaded: the replicas would start this request in about {wait_s * 1000:.0f} ms, after its "
+                f"deadline ({max(left_s, 0) * 1000:.0f} ms left); retry shortly",
+                headers={"Retry-After": str(retry)},
+            )
 
 
 class Slot:
     """A place within one of the gateway's limits, given back exactly once."""
 
-    def __init__(self, gw: Gateway, stream: bool) -> None:
-        self.gw, self.stream, self.held = gw, stream, True
+    def __init__(self, admission: Admission, stream: bool) -> None:
+        self.admission, self.stream, self.held = admission, stream, True
         if stream:
-            gw.open_streams += 1
-            gw.metrics.streams.inc()
+            admission.open_streams += 1
+            admission.metrics.streams.inc()
         else:
-            gw.inflight += 1
-            gw.metrics.inflight.inc()
+            admission.inflight += 1
+            admission.metrics.inflight.inc()
 
     def release(self) -> None:
         if self.held:
             self.held = False
+            admission = self.admission
             if self.stream:
-                self.gw.open_streams -= 1
-                self.gw.metrics.streams.dec()
+                admission.open_streams -= 1
+                admission.metrics.streams.dec()
             else:
-                self.gw.inflight -= 1
-                self.gw.metrics.inflight.dec()
-
-
-def admit_request(gw: Gateway) -> Slot:
-    if gw.inflight >= gw.settings.max_concurrent_requests:
-        gw.metrics.refused.labels("limit").inc()
-        raise TooManyRequestsError("too many requests in flight; retry shortly", headers={"Retry-After": "1"})
-    return Slot(gw, stream=False)
-
-
-def admit_stream(gw: Gateway) -> Slot:
-    if gw.open_streams >= gw.settings.max_open_streams:
-        gw.metrics.refused.labels("streams").inc()
-        raise TooManyRequestsError("too many open event streams; retry shortly", headers={"Retry-After": "1"})
-    return Slot(gw, stream=True)
-
-
-def check_deadline(gw: Gateway, deadline_ms: float | None, members: list[str] | None, arrival: float) -> None:
-    """Refuse (503 + Retry-After) a request with a deadline while the gateway's loop is behind, or
-    that its replicas cannot start before its deadline. A request without one is only bounded by
-    the limits: it may wait, it has nothing to miss."""
-    if deadline_ms is None:
-        return
-    lag_s = gw.lag.lag_s
-    behind = lag_s * 1000 > max(gw.settings.overload_lag_ms, gw.settings.overload_lag_fraction * deadline_ms)
-    if behind and gw.inflight >= gw.settings.overload_min_inflight:
-        gw.metrics.refused.labels("overloaded").inc()
-        raise UnavailableError(
-            f"overloaded: the gateway is {lag_s * 1000:.0f} ms behind; retry shortly", headers={"Retry-After": "1"}
-        )
-    now = time.perf_counter()
-    left_s = deadline_ms / 1000 - (now - arrival)
-    group = gw.group
-    if members is None or members == group.members:
-        replicas = [n for n in [*group.members, *group.coded] if n not in gw.fanout.skipped()]
-        needed = len(group.members)
-    else:
-        replicas, needed = list(members), len(members)
-    if needed > len(replicas):
-        return  # not answerable at all: the request fails fast on its own, with the reason
-    wait_s = gw.fanout.load.expected_start_s(replicas, needed, now)
-    if wait_s >= left_s:
-        gw.metrics.refused.labels("deadline").inc()
-        retry = max(1, round(wait_s))
-        raise UnavailableError(
-            f"overloaded: the replicas would start this request in about {wait_s * 1000:.0f} ms, after its "
-            f"deadline ({max(left_s, 0) * 1000:.0f} ms left); retry shortly",
-            headers={"Retry-After": str(retry)},
-        )
+                admission.inflight -= 1
+                admission.metrics.inflight.dec()

@@ -312,7 +312,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         settings.host,
         settings.port,
         args.log_level,
-        args.graceful_s,
+        settings.graceful_s,
         args.drain_s,
         drain.set,
     )
@@ -324,12 +324,17 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--bundle", type=Path)
     p.add_argument("--model", help="the bundle model to serve, e.g. member-0 or coded-coin-0")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=int, help="HTTP port: health, metadata, metrics (default 8101)")
+    p.add_argument(
+        "--channel-port", dest="channel_port", type=int, help="the gateway channel's port (default: --port + 1)"
+    )
     p.add_argument("--max-batch", dest="max_batch", type=int)
     p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="warning")
-    p.add_argument("--graceful-s", type=float, default=30.0, help="longest wait for in-flight work on SIGTERM")
+    p.add_argument(
+        "--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM (30)"
+    )
     p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
     p.set_defaults(func=_cmd_worker)
 
@@ -410,7 +415,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if args.grpc_port:
         print(f"  gRPC (OIP v2 GRPCInferenceService) on 127.0.0.1:{args.grpc_port}")
     for child in cluster.children[:-1]:
-        print(f"  replica {child.name:14s} {child.url}  (pid {child.process.pid})")
+        print(f"  replica {child.name:14s} {child.url}  channel {child.channel_url}  (pid {child.process.pid})")
     print(f"\ntry it (the bundle's first example input, {what}):")
     json_type = "-H 'Content-Type: application/json'"
     print(f"  curl -s {base}/v2/models/{group}/infer {json_type} -d @{example}")
@@ -472,8 +477,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 def _replica(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
-    if not sep or not name or not url.startswith(("http://", "https://")):
-        raise SystemExit(f"coinserve gateway: --replica wants NAME=http://HOST:PORT, got {text!r}")
+    if not sep or not name or not url.startswith("tcp://"):
+        raise SystemExit(f"coinserve gateway: --replica wants NAME=tcp://HOST:PORT (a worker's channel), got {text!r}")
     return name, url
 
 
@@ -485,8 +490,12 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--grpc-port", dest="grpc_port", type=int, help="gRPC port (default 8001; 0: off)")
     p.add_argument("--group")
     p.add_argument("--coded-method", dest="coded_method")
-    p.add_argument("--replica", action="append", help="NAME=URL of a member or coded replica (repeat)")
-    p.add_argument("--hedge-replica", dest="hedge_replica", help="URL of a replica hosting every member (hedging)")
+    p.add_argument(
+        "--replica", action="append", help="NAME=tcp://HOST:PORT: a member's or coded replica's channel (repeat)"
+    )
+    p.add_argument(
+        "--hedge-replica", dest="hedge_replica", help="tcp://HOST:PORT of a replica hosting every member (hedging)"
+    )
     p.add_argument("--max-batch", dest="max_batch", type=int)
     p.add_argument("--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM")
     p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")

@@ -40,9 +40,6 @@ class Event:
     def terminal(self) -> bool:
         return self.name in TERMINAL
 
-    def sse(self) -> bytes:
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.name.encode(), self.data)
-
 
 class EventLog(Protocol):
     """One request's events, in order; ends with exactly one terminal event."""

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class Group:
     resolutions: int  # the plan's resolutions, float32 included
     planes: list[int | None]
     spec: ModelSpec  # the manifest's contract: input name, shape and datatype, classes and labels
-    urls: dict[str, str]
+    urls: dict[str, str]  # replica name → tcp://HOST:PORT, its channel address
     hedge_url: str | None = None  # a replica hosting every member, for the hedged-request baseline
     hedge_quantile: float = 0.95
     manifest_sha256: str | None = None  # of the manifest's bytes: a replica must report the same (DESIGN §3)
@@ -104,10 +105,11 @@ def load_group(settings: GatewaySettings) -> Group:
     missing = [m for m in members if m not in settings.replicas]
     if missing:
         raise GroupConfigError(f"no replica URL for members {missing}; give --replica NAME=URL for each")
-    urls = [*settings.replicas.values(), *([settings.hedge_replica] if settings.hedge_replica else [])]
-    bad = [url for url in urls if not url.startswith("http://")]
-    if bad:
-        raise GroupConfigError(f"replica URLs must be http://HOST:PORT (traffic inside the cluster), got {bad}")
+    for url in [*settings.replicas.values(), *([settings.hedge_replica] if settings.hedge_replica else [])]:
+        try:
+            parse_address(url)
+        except ValueError as exc:
+            raise GroupConfigError(str(exc)) from None
     planes = list(manifest.get("refinement", {}).get("planes", [4]))
     return Group(
         name=settings.group or spec.group,
@@ -117,9 +119,24 @@ def load_group(settings: GatewaySettings) -> Group:
         resolutions=len(planes) + 1,
         planes=[*planes, None],
         spec=spec,
-        urls={name: url.rstrip("/") for name, url in settings.replicas.items()},
+        urls={name: url.rstrip("/") for name, url in settings.replicas.items() if name in [*members, *coded]},
         hedge_url=settings.hedge_replica.rstrip("/") if settings.hedge_replica else None,
         hedge_quantile=settings.hedge_quantile,
         manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
         version=str(manifest.get("model_version", "1")),
     )
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """A replica address `tcp://HOST:PORT` → (host, port); ValueError naming the form otherwise."""
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(
+            f"replica address {text!r} must be tcp://HOST:PORT, the worker's channel port (its HTTP port "
+            "serves health and metrics only)"
+        )
+    return parts.hostname, port

@@ -51,6 +51,14 @@ class Child:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def channel_url(self) -> str:
+        """A worker's channel address, as the gateway dials it (`--channel-port` on its command line)."""
+        args = self.args or []
+        if "--channel-port" not in args:
+            raise ValueError(f"{self.name} was not started with a --channel-port")
+        return f"tcp://127.0.0.1:{args[args.index('--channel-port') + 1]}"
+
 
 @dataclass
 class Cluster:
@@ -114,11 +122,12 @@ def start(
     cluster = Cluster()
     try:
         for name in names:
-            p = free_port()
+            p, channel = free_port(), free_port()
             extra = (worker_args or {}).get(name, [])
-            args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(p), *extra]
+            args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(p)]
+            args += ["--channel-port", str(channel), *extra]
             cluster.children.append(spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}, log_dir))
-        replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.url}")]
+        replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.channel_url}")]
         gateway = [
             "gateway",
             "--bundle",

@@ -1,11 +1,15 @@
-"""A request is one owned task writing one event log (DESIGN §2).
+"""A request is one owned run writing one event log (DESIGN §2).
 
-`Lifecycle.start` creates the task that owns everything about one admitted request: the fan-out,
-the deadline (counted from arrival), decoding, early stop, and every cancellation. It appends each
-update to the request's event log and ends the log with exactly one terminal event (`final` or
-`error`) however the run ends: answered, failed, cancelled because the client went away, or
-cancelled because the gateway shuts down. It also gives back the request's admission slot and
-records the request's metrics, in this one place. The surfaces only read the log.
+`Lifecycle.start` starts the fan-out run (app/fanout.py) that owns everything about one admitted
+request: the fan-out, the deadline (counted from arrival), decoding, early stop, and every
+cancellation. Each update it reports is appended to the request's event log, and the log ends with
+exactly one terminal event (`final` or `error`) however the run ends: answered, failed, cancelled
+because the client went away, or because the gateway shuts down. The terminal event also gives back
+the request's admission slot and records the request's metrics, in this one place. The surfaces
+only read the log (or, for a JSON answer, the terminal event itself: `Owned.finished`).
+
+An in-process log is appended to synchronously, from the run's callbacks: no task per request. A
+shared log (Redis) is written by one chain of appends per request, in order.
 """
 
 from __future__ import annotations
@@ -14,18 +18,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from app.admission import Slot
-from app.eventlog import Event, EventLog
-from app.fanout import Options, Update
-from app.sse import response_body
-
-if TYPE_CHECKING:
-    from app.state import Gateway
+from app.eventlog import Event, EventLog, MemoryLog
+from app.fanout import Fanout, Run
+from app.group import Group
+from app.metrics import GatewayMetrics
+from app.responses import response_body
+from app.updates import Options, Update
 
 logger = logging.getLogger(__name__)
 CLIENT_GONE = "the client went away"
@@ -40,87 +43,104 @@ class Admitted:
     options: Options
     arrival: float  # time.perf_counter() when the request arrived: the deadline counts from here
     request_id: str | None
-    endpoint: str  # the metrics label: infer | infer_stream | requests
+    endpoint: str  # the metrics label: infer | infer_stream | requests | grpc | grpc_stream
     slot: Slot  # its admission slot, given back with the terminal event
 
 
-@dataclass
+@dataclass(eq=False)
 class Owned:
-    """A running request as its surfaces see it: its log, and a way to cancel it."""
+    """A running request as its surfaces see it: its log, its terminal event once written, and a way
+    to cancel it."""
 
     log: EventLog
-    task: asyncio.Task[None] | None = None
-    reason: str = SHUTDOWN
-    seq: int = 0  # the last seq appended
+    finished: asyncio.Future[Event]
+    run: Run | None = None
     first_ms: float | None = None  # elapsed at the first complete answer
     events: list[str] = field(default_factory=list)
+    writer: asyncio.Future[None] | None = None  # the last append to a shared log
 
     def cancel(self, reason: str) -> None:
-        if self.task is not None and not self.task.done():
-            self.reason = reason
-            self.task.cancel()
+        if self.run is not None:
+            self.run.cancel(reason)
 
 
 class Lifecycle:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.running: set[asyncio.Task[None]] = set()
+    def __init__(self, fanout: Fanout, group: Group, metrics: GatewayMetrics) -> None:
+        self.fanout = fanout
+        self.group = group
+        self.metrics = metrics
+        self.running: set[Owned] = set()
+        self.writers: set[asyncio.Future[None]] = set()
+        self._outcomes: dict[tuple[str, str], object] = {}
 
     def start(self, log: EventLog, request: Admitted) -> Owned:
-        owned = Owned(log)
-        owned.task = task = asyncio.create_task(self._own(owned, request), name=f"request-{request.request_id or '-'}")
-        self.running.add(task)
-        task.add_done_callback(self.running.discard)
-        return owned
+        owned = Owned(log, asyncio.get_running_loop().create_future())
+        self.running.add(owned)
 
-    async def _own(self, owned: Owned, request: Admitted) -> None:
-        images, options, arrival, request_id = request.images, request.options, request.arrival, request.request_id
-        endpoint, slot = request.endpoint, request.slot
-        gw = self.gw
-
-        async def emit(update: Update) -> None:
+        def on_update(update: Update) -> None:
             if owned.first_ms is None:
                 owned.first_ms = update.elapsed_ms
-            await self._append(owned, update, request_id)
+            self._append(owned, update, request.request_id)
 
-        terminal: Update | None = None
+        def on_end(update: Update) -> None:
+            self._end(owned, request, update)
+
+        owned.run = self.fanout.start(request.images, request.options, request.arrival, on_end, on_update)
+        return owned
+
+    def _end(self, owned: Owned, request: Admitted, update: Update) -> None:
+        self.running.discard(owned)
         try:
-            terminal = await gw.fanout.execute(images, options, arrival, emit, request_id)
-        except asyncio.CancelledError:
-            terminal = self._error(owned, arrival, owned.reason, 503)
-            raise
-        except Exception:
-            logger.exception("request %s failed", request_id)
-            terminal = self._error(owned, arrival, "internal error", 500)
+            event = self._append(owned, update, request.request_id)
         finally:
-            try:
-                if terminal is not None:
-                    await self._append(owned, terminal, request_id)
-            finally:
-                slot.release()
-                if terminal is not None:
-                    self._record(endpoint, terminal, owned, options, arrival)
+            request.slot.release()
+        if not owned.finished.done():
+            owned.finished.set_result(event)
+        try:
+            self._record(request, update, owned)
+        except Exception:  # metrics must never cost a request its answer
+            logger.exception("recording request %s", request.request_id)
 
-    def _error(self, owned: Owned, arrival: float, message: str, status: int) -> Update:
-        elapsed = round((time.perf_counter() - arrival) * 1000, 3)
-        return Update("error", owned.seq + 1, elapsed, error=message, status=status)
-
-    async def _append(self, owned: Owned, update: Update, request_id: str | None) -> None:
-        data = orjson.dumps(response_body(update, self.gw.group, request_id))
-        owned.seq = update.seq
+    def _append(self, owned: Owned, update: Update, request_id: str | None) -> Event:
+        data = orjson.dumps(response_body(update, self.group, request_id))
+        event = Event(update.seq, update.event, update.status, data, update)
         owned.events.append(update.event)
-        await owned.log.append(Event(update.seq, update.event, update.status, data, update))
+        log = owned.log
+        if isinstance(log, MemoryLog):
+            log.append_now(event)
+        else:
+            owned.writer = self._chain(owned.writer, log, event)
+        return event
 
-    def _record(self, endpoint: str, update: Update, owned: Owned, options: Options, arrival: float) -> None:
+    def _chain(self, previous: asyncio.Future[None] | None, log: EventLog, event: Event) -> asyncio.Future[None]:
+        """Append to a shared log after the previous append of the same request (in order)."""
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await log.append(event)
+            except Exception:
+                logger.exception("appending event %d (%s) to a shared log", event.seq, event.name)
+
+        writer = asyncio.ensure_future(write())
+        self.writers.add(writer)
+        writer.add_done_callback(self.writers.discard)
+        return writer
+
+    def _record(self, request: Admitted, update: Update, owned: Owned) -> None:
         """Metrics of a finished request: outcome, times, decoded members, approximate finals."""
-        m = self.gw.metrics
+        m = self.metrics
         if update.event == "error" and update.error == CLIENT_GONE:
             outcome = "client_gone"
         else:
             outcome = update.event if update.event != "error" else f"error_{update.status}"
-        m.requests.labels(endpoint, outcome).inc()
-        if options.deadline_ms is not None:
-            overrun = (time.perf_counter() - arrival) - options.deadline_ms / 1000
+        counter = self._outcomes.get((request.endpoint, outcome))
+        if counter is None:
+            counter = self._outcomes[(request.endpoint, outcome)] = m.requests.labels(request.endpoint, outcome)
+        counter.inc()  # type: ignore[attr-defined]
+        if request.options.deadline_ms is not None:
+            overrun = (time.perf_counter() - request.arrival) - request.options.deadline_ms / 1000
             m.deadline_overrun.observe(max(overrun, 0.0))
         if update.event != "final":
             return
@@ -130,14 +150,15 @@ class Lifecycle:
         decoded = update.decoded_members()
         for member in decoded:
             m.decoded.labels(member).inc()
-        low = update.resolution < self.gw.group.resolutions - 1
+        low = update.resolution < self.group.resolutions - 1
         if decoded or low:
             m.approximate.labels("low_resolution" if low else "decoded").inc()
-        self.gw.fanout.activity.final(decoded, approximate=bool(decoded or low))
+        self.fanout.activity.final(decoded, approximate=bool(decoded or low))
 
     async def close(self) -> None:
-        """At shutdown: every running request ends with one `error` ("the gateway shut down")."""
-        tasks = list(self.running)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """At shutdown: every running request ends with one `error` ("the gateway shut down"), and
+        every append to a shared log is waited for."""
+        for owned in list(self.running):
+            owned.cancel(SHUTDOWN)
+        if self.writers:
+            await asyncio.gather(*self.writers, return_exceptions=True)

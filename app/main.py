@@ -1,5 +1,7 @@
-"""`create_app(settings)`: the gateway. The lifespan creates the shared upstream client, the request
-event-log store and the replica health checks, and hands them to the handlers as typed state."""
+"""`create_app(settings)`: the gateway. The lifespan dials the replicas (one channel per worker
+process), creates the request event-log store and wires the request path (app/state.py), and hands
+it to the handlers as typed state. The hot infer route (app/hotpath.py) sits in front of FastAPI,
+which keeps every other route and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -13,28 +15,28 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import disable_created_metrics
+from starlette.types import ASGIApp
 
 from app.access import AccessLogMiddleware
 from app.errors import install_handlers
 from app.eventlog import MemoryStore
 from app.examples import examples_body
-from app.fanout import Fanout
 from app.group import load_group
+from app.hotpath import HotPath
 from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.redis_store import RedisStore
-from app.replicas import ReplicaHealth
+from app.replicas import Replicas
 from app.routes import console, health, infer, requests
 from app.rpc import start_server
 from app.settings import GatewaySettings
-from app.state import Gateway
-from app.upstream import ReplicaClient
+from app.state import Gateway, assemble
 from protocol.v2 import HEADER_LENGTH
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: GatewaySettings, drain: threading.Event | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings, drain: threading.Event | None = None) -> ASGIApp:
     group = load_group(settings)  # fail at start, not on the first request
     drain = drain or threading.Event()
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -43,18 +45,14 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Gateway]]:
-        client = ReplicaClient(settings)
-        health_checks = ReplicaHealth(group, client, metrics, drain)
+        replicas = Replicas(group, settings, metrics, drain)
         store = make_store(settings)
-        fanout = Fanout(group, client, metrics, health_checks)
-        gateway = Gateway(settings, group, client, fanout, store, metrics, health_checks, examples=examples)
-        await health_checks.check_all()
-        await health_checks.start()
+        gateway = assemble(settings, group, replicas, store, metrics, examples)
+        await replicas.start()
         if isinstance(store, RedisStore):
             await store.start()
             logger.info("stream store %s: %s", store.describe(), store.reason)
         trimmer = asyncio.create_task(trim_periodically(5.0), name="malloc-trim")
-        gateway.lag.observe = metrics.loop_lag.observe
         gateway.lag.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
         grpc_server = await start_server(gateway, settings.host, settings.grpc_port) if settings.grpc_port else None
@@ -65,17 +63,17 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
                 await grpc_server.stop(settings.graceful_s)
             trimmer.cancel()
             await gateway.lag.stop()
-            await health_checks.stop()
             await gateway.lifecycle.close()
+            await replicas.stop()
             if isinstance(store, RedisStore):
                 await store.close()
-            await client.close()
 
     app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
     _routes(app)
     app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
     _cors(app, settings.cors_origins)
-    return app
+    app.openapi = openapi_document  # type: ignore[method-assign]  # the infer routes live in front of it
+    return HotPath(app, settings)
 
 
 def make_store(settings: GatewaySettings) -> MemoryStore | RedisStore:
@@ -111,13 +109,19 @@ def _cors(app: FastAPI, origins_text: str) -> None:
 def _routes(app: FastAPI) -> None:
     install_handlers(app)
     app.include_router(health.router)
-    app.include_router(infer.router)
     app.include_router(requests.router)
     app.include_router(console.router)
 
 
+_SCHEMA: dict[str, Any] = {}
+
+
 def openapi_document() -> dict[str, Any]:
-    """The gateway's OpenAPI schema, without a bundle or replicas (for docs and schema fuzzing)."""
-    app = FastAPI(title="coinserve gateway", version="0.1.0")
-    _routes(app)
-    return app.openapi()
+    """The gateway's OpenAPI schema, the hot infer routes included (app/routes/infer.py documents
+    them), without a bundle or replicas (for /docs and schema fuzzing)."""
+    if not _SCHEMA:
+        app = FastAPI(title="coinserve gateway", version="0.1.0")
+        _routes(app)
+        app.include_router(infer.router)
+        _SCHEMA.update(app.openapi())
+    return _SCHEMA

@@ -1,5 +1,6 @@
-"""A request's answer as its client asked for it (DESIGN §3): the outputs it named, in its order,
-as JSON or with the binary tensor extension. Pure functions over log events, no I/O.
+"""The V2 response, rendered here and nowhere else (DESIGN §2): an update as the default JSON body
+every log stores, and a request's answer as its client asked for it (DESIGN §3): the outputs it
+named, in its order, as JSON or with the binary tensor extension. Pure functions, no I/O.
 
 The log holds each event's default rendering (every output, JSON). A request that asks for the
 default gets those bytes as they are; any other rendering starts from the event's `Update` when
@@ -14,12 +15,46 @@ import numpy as np
 import orjson
 
 from app.eventlog import Event
-from app.fanout import response_parameters
 from app.group import Group
-from protocol.v2 import HEADER_LENGTH, InferRequest, classification, encode_outputs
+from app.updates import Update
+from protocol.v2 import HEADER_LENGTH, InferRequest, classification, encode_outputs, output_tensor
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
+
+
+def response_parameters(update: Update, group: Group) -> dict[str, Any]:
+    exact = update.exact_members(group.resolutions - 1)
+    return {
+        "seq": update.seq,
+        "resolution": update.resolution,
+        "planes": group.planes[update.resolution] if update.answers else None,
+        "exact_members": exact,
+        "decoded_members": update.decoded_members(),
+        "approximate": len(exact) != len(update.members),
+        "elapsed_ms": update.elapsed_ms,
+    }
+
+
+def response_body(update: Update, group: Group, request_id: str | None) -> dict[str, Any]:
+    """The V2 response of an update: one output per member plus `ensemble` (or `{"error": ...}`)."""
+    if update.event == "error":
+        return {"error": update.error}
+    outputs = [output_tensor(m, update.answers[m].probs) for m in update.members]
+    outputs.append(output_tensor("ensemble", update.ensemble()))
+    body: dict[str, Any] = {
+        "model_name": group.name,
+        "model_version": group.version,
+        "outputs": outputs,
+        "parameters": response_parameters(update, group),
+    }
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
 
 
 def is_default(request: InferRequest) -> bool:

@@ -1,7 +1,7 @@
 """The gRPC surface: OIP v2 `inference.GRPCInferenceService` as Triton's and KServe's clients call it
 (DESIGN §3), on its own port (`--grpc-port`, default 8001, 0: off), in the gateway's event loop.
 
-Like every surface it parses, admits, starts the request's owned task (app/lifecycle.py) and reads
+Like every surface it calls the data plane (app/dataplane.py), which starts the request, and reads
 its event log: `ModelInfer` waits for the terminal event; `ModelStreamInfer` (Triton's decoupled
 style) sends every event of each request as it is appended, each response marked with parameters
 `event` (coarse | refined | final) and `triton_final_response` (true only on the last one). The
@@ -11,30 +11,23 @@ answer arrives before the client gives up); a cancelled call cancels its request
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anyio
 import grpc
 import orjson
 
-from app.admission import Slot, admit_request, admit_stream, check_deadline
+from app.dataplane import Started
 from app.errors import CoinserveError
-from app.eventlog import Event, MemoryLog, follow, terminal
-from app.lifecycle import CLIENT_GONE, Admitted, Owned
+from app.eventlog import Event, follow
+from app.lifecycle import CLIENT_GONE
 from app.responses import chosen, parts
 from app.routes.health import server_metadata
-from app.validation import parse_request
+from app.state import Gateway
 from protocol.grpc_service import METHODS, SERVICE, message, set_parameter, to_v2
 from protocol.v2 import InferRequest, datatype_of, tensor_bytes
-
-if TYPE_CHECKING:
-    from app.state import Gateway
 
 logger = logging.getLogger(__name__)
 DEADLINE_MARGIN_MS = 15.0  # the answer must be on the wire before the client's own deadline fires
@@ -97,84 +90,63 @@ class InferenceService:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         arrival = time.perf_counter()
         try:
-            parsed, owned = self._start(request, context, arrival, stream=False)
+            started = self._start(request, context, arrival, stream=False)
         except Refused as exc:
             await context.abort(code_of(exc.status), exc.message)
         try:
-            event = await terminal(owned.log)
+            event = await started.owned.finished
         finally:
-            await self._end(owned)
+            started.owned.cancel(CLIENT_GONE)  # a no-op once it has ended; a cancelled call ends it
         if event.name == "error":
             await context.abort(code_of(event.status), _error_of(event))
-        return self._response(event, parsed)
+        return self._response(event, started.request)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """Each request of the stream in turn; every event of each one as a response."""
-        gw = self.gw
         respond = message("ModelStreamInferResponse")
         async for request in requests:
             arrival = time.perf_counter()
-            stream_slot: Slot | None = None
             try:
-                stream_slot = admit_stream(gw)
-                parsed, owned = self._start(request, context, arrival, stream=True)
-            except (Refused, CoinserveError) as exc:
-                if stream_slot is not None:
-                    stream_slot.release()
-                yield respond(error_message=str(exc))
+                started = self._start(request, context, arrival, stream=True)
+            except Refused as exc:
+                yield respond(error_message=exc.message)
                 continue
+            owned = started.owned
             try:
-                async for event in follow(owned.log, 0, gw.settings.keepalive_s):
+                async for event in follow(owned.log, 0, self.gw.settings.keepalive_s):
                     if event is None:
                         continue
                     if event.name == "error":
                         yield respond(error_message=_error_of(event))
                     else:
-                        yield respond(infer_response=self._response(event, parsed, streamed=True))
+                        yield respond(infer_response=self._response(event, started.request, streamed=True))
             finally:
-                stream_slot.release()
-                await self._end(owned)
+                owned.cancel(CLIENT_GONE)
+                if started.stream_slot is not None:
+                    started.stream_slot.release()
 
-    def _start(
-        self, request: Any, context: grpc.aio.ServicerContext, arrival: float, stream: bool
-    ) -> tuple[InferRequest, Owned]:
-        """Check, parse and admit a request, and start its owned task; Refused when that fails."""
-        gw = self.gw
+    def _start(self, request: Any, context: grpc.aio.ServicerContext, arrival: float, stream: bool) -> Started:
+        """Translate the call into the data plane's terms and start it; Refused when that fails."""
+        dp = self.gw.dataplane
         try:
-            self._check_auth(context)
+            metadata = dict(context.invocation_metadata() or ())
+            dp.authorise(str(metadata.get("authorization", "")))
             if not self._is_model(request.model_name, request.model_version):
                 raise Refused(404, self._unknown(request.model_name, request.model_version))
-            slot = admit_request(gw)
+            slots = dp.admit(stream)
+            try:
+                body, length = to_v2(request)
+            except ValueError as exc:  # what to_v2 cannot express
+                slots[0].release()
+                if slots[1] is not None:
+                    slots[1].release()
+                raise Refused(400, str(exc)) from exc
+            endpoint = "grpc_stream" if stream else "grpc"
+            return dp.start(slots, body, length, arrival, endpoint, lambda ms: self._deadline_ms(ms, context, arrival))
         except CoinserveError as exc:
             raise Refused(exc.status_code, exc.message) from exc
-        try:
-            body, length = to_v2(request)
-            parsed, options = parse_request(body, length, gw.group, gw.settings, stream)
-            options = replace(options, deadline_ms=self._deadline_ms(options.deadline_ms, context, arrival))
-            check_deadline(gw, options.deadline_ms, options.members, arrival)
-        except CoinserveError as exc:
-            slot.release()
-            raise Refused(exc.status_code, exc.message) from exc
-        except ValueError as exc:  # what to_v2 cannot express
-            slot.release()
-            raise Refused(400, str(exc)) from exc
-        except BaseException:
-            slot.release()
-            raise
-        endpoint = "grpc_stream" if stream else "grpc"
-        admitted = Admitted(parsed.images, options, arrival, parsed.request_id, endpoint, slot)
-        return parsed, gw.lifecycle.start(MemoryLog(), admitted)
-
-    async def _end(self, owned: Owned) -> None:
-        """However the call ended (also cancelled by its client): stop the request if it still runs
-        and wait until it has written its terminal event."""
-        if owned.task is not None and not owned.task.done():
-            owned.cancel(CLIENT_GONE)
-        with anyio.CancelScope(shield=True):
-            if owned.task is not None:
-                await asyncio.gather(owned.task, return_exceptions=True)
 
     def _deadline_ms(
         self, deadline_ms: float | None, context: grpc.aio.ServicerContext, arrival: float
@@ -185,16 +157,6 @@ class InferenceService:
         spent_ms = (time.perf_counter() - arrival) * 1000
         from_call = max(1.0, remaining * 1000 + spent_ms - DEADLINE_MARGIN_MS)
         return from_call if deadline_ms is None else min(deadline_ms, from_call)
-
-    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
-        token = self.gw.settings.auth_token
-        if token is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        given = str(metadata.get("authorization", ""))
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode()):
-            raise Refused(401, "unauthorized")
 
     def _is_model(self, name: str, version: str) -> bool:
         group = self.gw.group

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.secret_files import resolve_secret
+from protocol.secrets import resolve_secret
 
 
 class GatewaySettings(BaseSettings):
@@ -20,7 +20,9 @@ class GatewaySettings(BaseSettings):
         None, description="the model group's name in /v2/models/{group} (default: the bundle manifest's name)"
     )
     bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
-    replicas: dict[str, str] = Field(default_factory=dict, description="model name → base URL of its replica")
+    replicas: dict[str, str] = Field(
+        default_factory=dict, description="model name → tcp://HOST:PORT, its replica's channel address"
+    )
     coded_method: str | None = Field(
         None,
         description="which coded models of the bundle protect the members (default: the method the bundle has "
@@ -41,7 +43,7 @@ class GatewaySettings(BaseSettings):
     patience_margin_ms: float = Field(5.0, ge=0, description="added to that quantile")
     patience_initial_ms: float = Field(50.0, gt=0, description="the patience before a replica has any history")
     hedge_replica: str | None = Field(
-        None, description="URL of a replica hosting every member: enables hedged requests"
+        None, description="tcp://HOST:PORT of a replica hosting every member: enables hedged requests"
     )
     hedge_quantile: float = Field(
         0.95, gt=0, lt=1, description="hedge a call still missing after this latency quantile"
@@ -67,8 +69,7 @@ class GatewaySettings(BaseSettings):
         "with fewer is slowed by something else (another process on its cores), and refusing cures nothing",
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="bound on a request with no deadline_ms")
-    connect_timeout_s: float = Field(1.0, gt=0)
-    upstream_connections: int = Field(64, ge=1, description="pooled connections per replica")
+    connect_timeout_s: float = Field(1.0, gt=0, description="connecting to a worker and its WELCOME")
     keepalive_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval")
     retention_s: float = Field(300.0, gt=0, description="how long finished /v1/requests streams stay resumable")
     retention_max: int = Field(1000, ge=1, description="most retained /v1/requests streams")
@@ -92,7 +93,7 @@ class GatewaySettings(BaseSettings):
     )
     auth_token: SecretStr | None = Field(None, description="if set, clients must send Authorization: Bearer <token>")
     auth_token_file: Path | None = Field(None, description="read auth_token from this file (a mounted secret)")
-    worker_secret: SecretStr | None = Field(None, description="shared secret sent to workers as X-Coinserve-Secret")
+    worker_secret: SecretStr | None = Field(None, description="shared secret sent to workers in each channel's HELLO")
     worker_secret_file: Path | None = Field(None, description="read worker_secret from this file")
     graceful_s: float = Field(65.0, gt=0, description="drain time on SIGTERM, larger than max_deadline_ms")
     grpc_port: int = Field(

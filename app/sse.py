@@ -1,40 +1,24 @@
-"""Server-sent events as pure functions: an Update becomes `id:`/`event:`/`data:` bytes (no I/O)."""
+"""Every byte of a server-sent-event stream is made here (DESIGN §2): `id:`/`event:`/`data:` blocks
+from a request's log, the reconnection delay first, keep-alive comments while nothing happens.
+The data of each event is its V2 response (app/responses.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
 
-import orjson
-
-from app.eventlog import Event
-from app.fanout import Update, response_parameters
+from app.eventlog import Event, EventLog, follow
 from app.group import Group
-from protocol.v2 import output_tensor
+from app.responses import is_default, render
+from protocol.v2 import InferRequest
 
 KEEPALIVE = b": keep-alive\n\n"
 RETRY_MS = 2000
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+MEDIA_TYPE = "text/event-stream"
 
 
-def response_body(update: Update, group: Group, request_id: str | None) -> dict[str, Any]:
-    """The V2 response of an update: one output per member plus `ensemble` (or `{"error": ...}`)."""
-    if update.event == "error":
-        return {"error": update.error}
-    outputs = [output_tensor(m, update.answers[m].probs) for m in update.members]
-    outputs.append(output_tensor("ensemble", update.ensemble()))
-    body: dict[str, Any] = {
-        "model_name": group.name,
-        "model_version": group.version,
-        "outputs": outputs,
-        "parameters": response_parameters(update, group),
-    }
-    if request_id is not None:
-        body["id"] = request_id
-    return body
-
-
-def format_event(update: Update, group: Group, request_id: str | None) -> bytes:
-    data = orjson.dumps(response_body(update, group, request_id))
-    return Event(update.seq, update.event, update.status, data).sse()
+def event_bytes(event: Event) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), event.data)
 
 
 def preamble() -> bytes:
@@ -42,4 +26,17 @@ def preamble() -> bytes:
     return b"retry: %d\n\n" % RETRY_MS
 
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+async def events(
+    log: EventLog, after: int, keepalive_s: float, group: Group, request: InferRequest | None = None
+) -> AsyncIterator[bytes]:
+    """The log as SSE bytes from `after` to its terminal event, with keep-alive comments while
+    nothing happens; only the outputs `request` asked for, when it named some."""
+    yield preamble()
+    async for event in follow(log, after, keepalive_s):
+        if event is None:
+            yield KEEPALIVE
+        elif request is None or is_default(request):
+            yield event_bytes(event)
+        else:
+            data, _, _ = render(event, request, group)
+            yield event_bytes(Event(event.seq, event.name, event.status, data))

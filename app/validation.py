@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from app.errors import BadRequestError
-from app.fanout import Options
 from app.group import Group
 from app.settings import GatewaySettings
+from app.updates import Options
 from protocol.v2 import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer
 
 PARAMETERS = ("deadline_ms", "min_resolution", "stop_margin", "members")

@@ -104,8 +104,7 @@ class Chaos(threading.Thread):
         self.kills += 1
         self.kill_times.append(self.now())
         time.sleep(self.down_s)  # restarted even when the soak is ending: every process alive at the end
-        args = ["worker", "--bundle", str(self.bundle), "--model", self.victim, "--port", str(old.port)]
-        new = launcher.spawn(self.victim, old.port, args, dict(os.environ))
+        new = launcher.respawn(old)  # the same command line: its ports, its channel
         self.cluster.children[index] = new
         self.incarnations[self.victim].append(Incarnation(self.victim, new.process.pid, self.now()))
 

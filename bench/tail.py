@@ -138,8 +138,9 @@ def start_workers(bundle: Path, k: int) -> launcher.Cluster:
     cluster = launcher.Cluster()
     try:
         for name in [*members, ",".join([coded, *members])]:
-            port = launcher.free_port()
+            port, channel = launcher.free_port(), launcher.free_port()
             args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(port)]
+            args += ["--channel-port", str(channel)]
             cluster.children.append(launcher.spawn(name.split(",")[0], port, args, dict(os.environ)))
         launcher.wait_ready(cluster)
     except BaseException:
@@ -159,15 +160,15 @@ def start_gateway(
     """A gateway over `workers` for `spec`'s mode; the decoding policy goes in its environment."""
     port = launcher.free_port()
     args = ["gateway", "--bundle", str(bundle), "--port", str(port), "--grpc-port", "0"]
-    args += [arg for c in workers.children[:k] for arg in ("--replica", f"{c.name}={c.url}")]
+    args += [arg for c in workers.children[:k] for arg in ("--replica", f"{c.name}={c.channel_url}")]
     extra = workers.children[k]
     env = dict(os.environ)
     if spec.mode == "wait-all":
         args += ["--coded-method", "none"]
     elif spec.mode == "hedge":
-        args += ["--coded-method", "none", "--hedge-replica", extra.url]
+        args += ["--coded-method", "none", "--hedge-replica", extra.channel_url]
     else:
-        args += ["--replica", f"{extra.name}={extra.url}"]
+        args += ["--replica", f"{extra.name}={extra.channel_url}"]
         env["COINSERVE_DECODE_POLICY"] = POLICY[spec.mode]
         env["COINSERVE_PATIENCE_MARGIN_MS"] = str(margin_ms)
         if spec.patience_quantile is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.data import Split
-from models.train import fit
+from models.fitting import fit
 
 LOSSES = ("kl", "mse")
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from models.data import Split
+from models.fitting import fit
 from models.networks import predict_proba
-from models.train import fit
 
 MIN_STEPS = 200  # 6 epochs of Fashion-MNIST are ~5,000 steps; 6 of an imported bundle's 269 inputs only 24
 

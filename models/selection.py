@@ -29,9 +29,9 @@ from models.coded import Ingredients
 from models.coding_eval import evaluate_coding, summary
 from models.data import Split, dirichlet_shards
 from models.evaluate import accuracy
+from models.fitting import TrainingConfig, finetune_member
 from models.networks import predict_proba
 from models.refine_eval import ladder_accuracy
-from models.train import TrainingConfig, finetune_member
 
 BASELINES = ("none",)  # a row kind, not a coded model one could serve
 BUILD_BUDGET = 0.10  # a coded model may cost at most 10% of training the parity model (issue 18)

@@ -89,7 +89,7 @@ def test_grace_period_covers_the_drain(rendered):
         assert pod["terminationGracePeriodSeconds"] > drain + graceful
 
 
-def test_gateway_finds_every_replica_by_service_name(rendered):
+def test_gateway_dials_every_pod_of_each_replica_through_a_headless_service(rendered):
     _, docs = rendered
     gateway_config = next(
         c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("coinserve-gateway")
@@ -98,7 +98,11 @@ def test_gateway_finds_every_replica_by_service_name(rendered):
     services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
     assert set(replicas) == {"member-0", "member-1", "member-2", "member-3", "coded-average-distill-0"}
     for name, url in replicas.items():
-        assert url == f"http://worker-{name}:8080" and f"worker-{name}" in services
+        assert url == f"tcp://worker-{name}:8081" and f"worker-{name}" in services
+    for service in of_kind(docs, "Service"):
+        if service["metadata"]["name"].startswith("worker-"):
+            assert service["spec"]["clusterIP"] == "None"  # one DNS record per ready pod
+            assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "channel": 8081}
     served = {}
     for d in of_kind(docs, "Deployment"):
         if d["metadata"]["labels"]["app.kubernetes.io/component"] == "replica":
@@ -143,6 +147,14 @@ def test_only_the_gateway_reaches_the_replicas(rendered):
     )
     sources = [rule["from"][0]["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"]]
     assert {"app.kubernetes.io/component": "gateway"} in sources
+    ports = {
+        str(rule["from"][0]["podSelector"]["matchLabels"]): sorted(p["port"] for p in rule["ports"])
+        for rule in policy["spec"]["ingress"]
+    }
+    assert ports == {
+        str({"app.kubernetes.io/component": "gateway"}): ["channel", "http"],  # calls, and HTTP
+        str({"app.kubernetes.io/name": "prometheus"}): ["http"],  # scraping only
+    }
     assert all(
         s in ({"app.kubernetes.io/component": "gateway"}, {"app.kubernetes.io/name": "prometheus"}) for s in sources
     )

@@ -5,11 +5,12 @@ Each resolution of a request is its own step in the one compute thread. A reques
 (or until `max_batch` rows); after it, the request's next resolution joins the refinement queue. The
 scheduler always runs waiting first steps before any refinement, so refinement never pushes back
 anyone's first answer; refinements run when no first step waits, coarsest resolution first, oldest
-first, batched with others at the same resolution. A step is not started for a request the endpoint
-no longer needs (`cancelled`: its client went away, the gateway has its final, decoded it, or its
-deadline passed), and with `stop_margin` a request whose every row's top-1 minus top-2 probability
-exceeds the margin at a coarse resolution stops there (its last result says `stopped`): the work
-counter stops rising.
+first, batched with others at the same resolution. A step is not started for a request nobody needs
+any more (`cancelled`: its client went away, the gateway has its final, decoded it, or cancelled
+it; `expires`: the deadline the gateway sent with it has passed), and with `stop_margin` a request
+whose every row's top-1 minus top-2 probability exceeds the margin at a coarse resolution stops
+there (its last result says `stopped`): the work counter stops rising. Every result of a step
+reaches the event loop at once (`on_results`), so the channel answers one frame per step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 class Result:
     index: int
     planes: int | None
-    probs: np.ndarray  # (B, C)
+    probs: np.ndarray  # (B, C) float32
     final: bool
     stopped: bool = False  # the request's last result: confident at this coarse resolution (stop_margin)
 
@@ -45,27 +47,43 @@ class Job:
     start: int  # first resolution wanted
     final_only: bool  # only the float32 resolution (a plain JSON call)
     stop_margin: float | None = None  # stop once every row's top-1 minus top-2 probability exceeds it
-    results: asyncio.Queue[Result | BaseException | None] = field(default_factory=asyncio.Queue)
+    expires: float | None = None  # time.monotonic() past which no step of it is started (its deadline)
+    owner: Any = None  # who reads its results (the channel connection that submitted it)
+    call: int = 0  # the owner's id of it
     cancelled: bool = False  # read by the scheduler and the compute thread before every step
     next_index: int = -1  # the resolution of its next step (set on submit)
     arrived: float = 0.0  # time.monotonic() of submit: the first step's wait for company counts from here
+    done: bool = False  # left the batcher: its last result given, or dropped
 
     @property
     def rows(self) -> int:
         return len(self.images)
 
 
+StepResults = list[tuple[Job, Result]]
+
+
 class Batcher:
+    """Runs jobs' steps in one compute thread; `on_results` gets every result of a step at once, on
+    the event loop (one wake-up per step, not per job), and `on_failure` the jobs of a step whose
+    forward pass raised."""
+
     def __init__(
         self,
         engine: RefinementEngine,
         max_batch: int,
         max_wait_ms: float,
+        on_results: Callable[[StepResults], None] = lambda results: None,
+        on_failure: Callable[[list[Job], Exception], None] = lambda jobs, exc: None,
         on_compute: Callable[[int, int], None] = lambda rows, index: None,
         step_delay_s: float = 0.0,
         on_cpu: Callable[[float], None] = lambda seconds: None,
+        on_dropped: Callable[[Job], None] = lambda job: None,
     ) -> None:
         self.engine = engine
+        self.on_results = on_results
+        self.on_failure = on_failure
+        self.on_dropped = on_dropped  # a job that left without its last result: cancelled or expired
         self.on_cpu = on_cpu  # CPU seconds of each forward step, measured in the compute thread
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -76,7 +94,7 @@ class Batcher:
         self._refine: deque[Job] = deque()  # jobs waiting for a refinement step, oldest step first
         self._wake = asyncio.Event()  # set whenever a job is submitted
         self._task: asyncio.Task[None] | None = None
-        self.outstanding = 0  # submitted and not yet finished (see `finished`)
+        self.outstanding = 0  # submitted and not yet done
         self.compute_s = 0.0  # CPU seconds of the compute thread in forward steps (thread time)
 
     def submit(self, job: Job) -> None:
@@ -86,9 +104,10 @@ class Batcher:
         self._first.append(job)
         self._wake.set()
 
-    def finished(self, job: Job) -> None:
-        """The endpoint is done with the job (answered, failed or cancelled)."""
-        self.outstanding -= 1
+    def _retire(self, job: Job) -> None:
+        if not job.done:
+            job.done = True
+            self.outstanding -= 1
 
     def wait_s(self) -> float:
         """Wait for company only while other requests are being served: a lone request is answered at
@@ -108,12 +127,21 @@ class Batcher:
                 pass
         self.executor.shutdown(wait=True)
 
+    def _is_wanted(self, job: Job, now: float) -> bool:
+        if job.expires is not None and now >= job.expires:
+            job.cancelled = True
+        return not job.cancelled
+
     def _drop_cancelled(self, jobs: deque[Job]) -> None:
-        if any(job.cancelled for job in jobs):
+        """Jobs nobody needs any more leave before their next step is started: cancelled (the
+        gateway has its final, decoded it, or the client left) or past their deadline."""
+        now = time.monotonic()
+        if not all(self._is_wanted(job, now) for job in jobs):
             live = [job for job in jobs if not job.cancelled]
             for job in jobs:
                 if job.cancelled:
-                    job.results.put_nowait(None)
+                    self._retire(job)
+                    self.on_dropped(job)
             jobs.clear()
             jobs.extend(live)
 
@@ -169,24 +197,33 @@ class Batcher:
         while True:
             index, jobs = await self._collect()
             try:
-                going_on = await loop.run_in_executor(self.executor, self._step, jobs, index, loop)
+                results = await loop.run_in_executor(self.executor, self._step, jobs, index)
             except Exception as exc:  # a bug in a forward pass must not kill the batcher
                 logger.exception("forward pass failed")
                 for job in jobs:
-                    job.results.put_nowait(exc)
+                    self._retire(job)
+                self.on_failure(jobs, exc)
                 continue
-            self._refine.extend(going_on)
+            for job in jobs:
+                if job.cancelled:
+                    self._retire(job)
+                    self.on_dropped(job)
+            for job, result in results:
+                if result.final or result.stopped:
+                    self._retire(job)
+                else:
+                    job.next_index = index + 1
+                    self._refine.append(job)
+            if results:
+                self.on_results(results)
 
-    def _step(self, jobs: list[Job], index: int, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """Runs in the compute thread: one resolution for the live jobs; returns those that go on."""
+    def _step(self, jobs: list[Job], index: int) -> StepResults:
+        """Runs in the compute thread: one resolution for the jobs still wanted, and their results."""
         last = self.engine.plan.resolutions - 1
         refining = [job for job in jobs if job.next_index > (last if job.final_only else job.start)]
         if refining and self.step_delay_s:
             self._slow_step(jobs)
         live = [job for job in jobs if not job.cancelled]
-        for job in jobs:
-            if job.cancelled:
-                loop.call_soon_threadsafe(job.results.put_nowait, None)
         if not live:
             return []
         images = torch.cat([job.images for job in live]) if len(live) > 1 else live[0].images
@@ -195,21 +232,16 @@ class Batcher:
         seconds = time.thread_time() - started
         self.compute_s += seconds
         self.on_cpu(seconds)
-        probs = probs_t.numpy().astype(np.float64)
+        probs = probs_t.numpy()
         self.on_compute(len(images), index)
-        going_on, offset = [], 0
+        results, offset = [], 0
         planes = self.engine.plan.planes_at(index)
         for job in live:
             mine = probs[offset : offset + job.rows]
             offset += job.rows
             stopped = index < last and job.stop_margin is not None and _confident(mine, job.stop_margin)
-            loop.call_soon_threadsafe(job.results.put_nowait, Result(index, planes, mine, index == last, stopped))
-            if index == last or stopped:
-                loop.call_soon_threadsafe(job.results.put_nowait, None)
-            else:
-                job.next_index = index + 1
-                going_on.append(job)
-        return going_on
+            results.append((job, Result(index, planes, mine, index == last, stopped)))
+        return results
 
     def _slow_step(self, jobs: list[Job]) -> None:
         """The injected extra compute time of a slow model, given up as soon as no job needs the step

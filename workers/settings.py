@@ -38,7 +38,10 @@ class WorkerSettings(BaseSettings):
     bundle: Path = Path("bundles/default")
     model: str = Field("member-0", description="the bundle model this replica serves")
     host: str = "127.0.0.1"
-    port: int = 8101
+    port: int = Field(8101, description="HTTP: health, metadata and metrics")
+    channel_port: int | None = Field(
+        None, ge=0, le=65535, description="the gateway channel (inference); default: the HTTP port + 1"
+    )
     max_batch: int = Field(64, ge=1, description="most rows in one forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
     max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
@@ -57,13 +60,18 @@ class WorkerSettings(BaseSettings):
         "the gateway, which keeps every deadline, must never wait behind forward passes; replicas still use "
         "every idle cycle. 0 leaves the priority alone (a pod of its own).",
     )
-    shared_secret: SecretStr | None = Field(None, description="if set, calls must carry it as X-Coinserve-Secret")
+    shared_secret: SecretStr | None = Field(None, description="if set, a gateway's HELLO must carry it")
     shared_secret_file: Path | None = Field(None, description="read shared_secret from this file (a mounted secret)")
+    graceful_s: float = Field(30.0, gt=0, description="on SIGTERM, the longest wait for calls in flight")
     faults: FaultSettings = Field(default_factory=FaultSettings)
+
+    @property
+    def channel(self) -> int:
+        return self.port + 1 if self.channel_port is None else self.channel_port
 
     @model_validator(mode="after")
     def _read_secret_file(self) -> WorkerSettings:
-        from workers.secret_files import resolve_secret
+        from protocol.secrets import resolve_secret
 
         self.shared_secret = resolve_secret("shared_secret", self.shared_secret, self.shared_secret_file)
         return self

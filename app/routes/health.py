@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.deps import GatewayDep, GroupDep, check_version
+from app.deps import GatewayDep, GroupDep
 from app.redis_store import RedisStore
 
 router = APIRouter()
@@ -72,8 +72,8 @@ async def model_metadata(gw: GroupDep) -> dict[str, Any]:
 
 
 @router.get("/v2/models/{group}/versions/{version}")
-async def model_version_metadata(version: str, gw: GroupDep) -> dict[str, Any]:
-    check_version(gw, version)
+async def model_version_metadata(group: str, version: str, gw: GatewayDep) -> dict[str, Any]:
+    gw.dataplane.check_model(group, version)
     return _metadata(gw)
 
 
@@ -83,8 +83,8 @@ async def model_ready(gw: GroupDep) -> JSONResponse:
 
 
 @router.get("/v2/models/{group}/versions/{version}/ready")
-async def model_version_ready(version: str, gw: GroupDep) -> JSONResponse:
-    check_version(gw, version)
+async def model_version_ready(group: str, version: str, gw: GatewayDep) -> JSONResponse:
+    gw.dataplane.check_model(group, version)
     return _readiness(gw)
 
 

@@ -1,29 +1,42 @@
 """POST /v1/requests and GET /v1/requests/{id}/events: a detached request whose event log a browser
 `EventSource` can follow, and resume with `Last-Event-ID` within the retention window.
 
-The request is owned by its task (app/lifecycle.py), not by any connection: followers come and go,
+The request is owned by its run (app/lifecycle.py), not by any connection: followers come and go,
 the request holds its admission slot until its terminal event. Once a retained log is complete, a
 reconnect at or past its last id gets 204, which tells a browser `EventSource` to stop retrying.
 """
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from app.admission import admit_request, admit_stream, check_deadline
+from app import sse
+from app.admission import Slot
 from app.deps import AuthorisedDep, GatewayDep, arrival_of
-from app.errors import BadRequestError, NotFoundError, TooManyRequestsError, UnavailableError
-from app.lifecycle import Admitted
+from app.errors import BadRequestError, NotFoundError, UnavailableError
 from app.redis_store import StoreUnavailableError
-from app.responses import is_default
-from app.routes.infer import AdmittedStream, sse_events
-from app.validation import parse_request
 from protocol.v2 import InferRequestModel
 
 router = APIRouter()
+
+
+class SlotStream(StreamingResponse):
+    """An event stream that gives its stream slot back when it ends, however it ends (also when the
+    client left before the first byte, so the body generator never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: Slot) -> None:
+        super().__init__(content, media_type=sse.MEDIA_TYPE, headers=sse.STREAM_HEADERS)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 @router.post(
@@ -38,31 +51,7 @@ router = APIRouter()
 )
 async def create(request: Request, gw: AuthorisedDep) -> JSONResponse:
     arrival = arrival_of(request)
-    slot = admit_request(gw)  # held until the request's terminal event, not just while parsing
-    try:
-        parsed, options = parse_request(await request.body(), None, gw.group, gw.settings, stream=True)
-        if not is_default(parsed):
-            raise BadRequestError("outputs and binary_data_output belong to /v2/.../infer; /v1 streams every output")
-        images, given_id = parsed.images, parsed.request_id
-        check_deadline(gw, options.deadline_ms, options.members, arrival)
-        request_id = given_id or uuid.uuid4().hex
-        in_use = BadRequestError(f"id {request_id!r} is already in use; leave id out to get a fresh one")
-        try:
-            if await gw.store.get(request_id) is not None:
-                raise in_use
-            log = await gw.store.create(request_id)
-        except KeyError:  # created by another gateway between the two calls
-            raise in_use from None
-        except StoreUnavailableError as exc:
-            raise UnavailableError(f"{exc}; retry shortly", headers={"Retry-After": "1"}) from None
-        if log is None:
-            raise TooManyRequestsError(
-                "too many retained requests still running; retry shortly", headers={"Retry-After": "1"}
-            )
-    except BaseException:
-        slot.release()
-        raise
-    gw.lifecycle.start(log, Admitted(images, options, arrival, request_id, "requests", slot))
+    request_id = await gw.dataplane.start_detached(await request.body(), arrival)
     url = f"/v1/requests/{request_id}/events"
     return JSONResponse({"id": request_id, "events_url": url}, status_code=202, headers={"Location": url})
 
@@ -89,4 +78,5 @@ async def events(request_id: str, request: Request, gw: GatewayDep, _auth: Autho
         return Response(status_code=204)
     if after > log.last_seq:  # no client has seen an id the log has not written yet
         raise BadRequestError(f"Last-Event-ID {after} is past the stream's last event ({log.last_seq})")
-    return AdmittedStream(sse_events(gw, log, after), admit_stream(gw))
+    slot = gw.admission.stream()
+    return SlotStream(sse.events(log, after, gw.settings.keepalive_s, gw.group), slot)

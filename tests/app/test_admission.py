@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from app.admission import ReplicaLoad
+from app.measures import ReplicaLoad
 
 
 def test_no_calls_in_flight_means_no_wait():

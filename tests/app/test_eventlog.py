@@ -10,6 +10,7 @@ import pytest
 
 from app.eventlog import Event, MemoryStore, follow, terminal
 from app.redis_store import RedisStore
+from app.sse import event_bytes
 
 
 def _event(seq: int, name: str = "coarse") -> Event:
@@ -85,7 +86,7 @@ async def test_nothing_follows_the_terminal_event_and_seqs_are_consecutive(make_
 
 
 def test_sse_form_has_id_event_and_data():
-    assert _event(7, "final").sse() == b'id: 7\nevent: final\ndata: {"seq": 7}\n\n'
+    assert event_bytes(_event(7, "final")) == b'id: 7\nevent: final\ndata: {"seq": 7}\n\n'
 
 
 @pytest.mark.anyio

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from app.channel import Call, Options as CallOptions, StepAnswer
 from app.errors import ReplicaError
-from app.fanout import Fanout, Options, Update
+from app.fanout import Fanout
 from app.group import Group
 from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
+from app.updates import Options, Update
 from models.coding import coefficients, encode
 from protocol.spec import InputSpec, ModelSpec
 
@@ -27,17 +28,59 @@ def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
     return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
 
 
-def _line(name: str, resolution: int, stopped: bool = False) -> dict[str, Any]:
-    probs = CODED if name == "c" else PROBS[MEMBERS.index(name)]
-    return {
-        "outputs": [{"name": "probabilities", "shape": [1, 10], "datatype": "FP32", "data": probs.ravel().tolist()}],
-        "parameters": {"resolution": resolution, **({"stopped": True} if stopped else {})},
-    }
+class ScriptedChannel:
+    """One replica's channel: each call is answered with (delay_s, resolution[, stopped]) steps on loop
+    timers, or fails with `fail`; a final-only call to a replica with a `final:NAME` script gets that
+    one instead. Records calls and cancels as the real channel would see them."""
+
+    def __init__(self, replicas: ScriptedReplicas, name: str) -> None:
+        self.replicas, self.name = replicas, name
+
+    def submit(self, call: Call, images: bytes, options: CallOptions) -> None:
+        replicas = self.replicas
+        replicas.calls.append((self.name, not options.final_only))
+        key = f"hedge:{call.member}" if self.name == "hedge" else call.member
+        if options.final_only and f"final:{key}" in replicas.script:
+            key = f"final:{key}"
+        call.channel = self  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        if key in replicas.fail:
+            error = ReplicaError(call.member, "connection", replicas.fail[key])
+            replicas.timers[id(call)] = [loop.call_soon(self._fail, call, error)]
+            return
+        at, timers = 0.0, []
+        for delay, resolution, *stopped in replicas.script.get(key, [(3600, 0)]):
+            at += delay
+            timers.append(loop.call_later(at, self._answer, call, resolution, bool(stopped and stopped[0])))
+        replicas.timers[id(call)] = timers
+        replicas.final_steps[id(call)] = len(timers)
+
+    def _answer(self, call: Call, resolution: int, stopped: bool) -> None:
+        replicas = self.replicas
+        probs = CODED if call.member == "c" else PROBS[MEMBERS.index(call.member)]
+        replicas.final_steps[id(call)] -= 1
+        last = replicas.final_steps[id(call)] == 0 or stopped
+        final = resolution == 1
+        if last or final or stopped:
+            call.done = True
+        call.sink.answered(call, StepAnswer(probs.copy(), resolution, final or (last and not stopped), stopped))
+        if final or stopped:
+            for timer in replicas.timers.pop(id(call), []):
+                timer.cancel()
+
+    def _fail(self, call: Call, error: ReplicaError) -> None:
+        call.done = True
+        call.sink.failed(call, error)
+
+    def cancel(self, call: Call) -> None:
+        call.done = True
+        for timer in self.replicas.timers.pop(id(call), []):
+            timer.cancel()
+        self.replicas.cancelled.append(f"hedge:{call.member}" if self.name == "hedge" else call.member)
 
 
-class ScriptedClient:
-    """Each replica replies with (delay_s, resolution[, stopped]) steps, or fails with `fail`; a plain
-    (final-only) call to a replica with a `final:NAME` script gets that one instead."""
+class ScriptedReplicas:
+    """Stands in for app.replicas.Replicas: `pick` gives each replica's scripted channel."""
 
     def __init__(
         self, script: dict[str, list[tuple[float, int]]], fail: dict[str, str] | None = None, **settings: Any
@@ -46,43 +89,43 @@ class ScriptedClient:
         self.settings = GatewaySettings(upstream_timeout_s=2, **settings)
         self.cancelled: list[str] = []
         self.calls: list[tuple[str, bool]] = []  # (replica, streamed)
+        self.timers: dict[int, list[asyncio.TimerHandle]] = {}
+        self.final_steps: dict[int, int] = {}
+        self.skipped: set[str] = set()
+        self.is_hedge_usable = True
 
-    async def stream(
-        self, replica: str, url: str, model: str, body: bytes, header_length: int, lines: bool = True
-    ) -> AsyncIterator[Any]:
-        try:
-            self.calls.append((replica, lines))
-            key = f"hedge:{replica}" if url == "http://hedge" else replica
-            if not lines and f"final:{replica}" in self.script:
-                key = f"final:{replica}"
-            if key in self.fail:
-                raise ReplicaError(replica, "connection", self.fail[key])
-            for delay, resolution, *stopped in self.script.get(key, [(3600, 0)]):
-                await asyncio.sleep(delay)
-                yield _line(replica, resolution, *stopped)
-        except asyncio.CancelledError:
-            self.cancelled.append(f"hedge:{replica}" if url == "http://hedge" else replica)
-            raise
+    def pick(self, name: str) -> ScriptedChannel:
+        return ScriptedChannel(self, name)
 
 
-def _fanout(client: ScriptedClient, hedge: bool = False) -> Fanout:
+def _fanout(replicas: ScriptedReplicas, hedge: bool = False) -> Fanout:
     coded = {} if hedge else {"c": 0}
-    urls = {n: "http://x" for n in [*MEMBERS, "c"]}
+    urls = {n: "tcp://x:1" for n in [*MEMBERS, "c"]}
     group = Group(
-        "g", MEMBERS, coded, coefficients(3, 1), 2, [4, None], _spec(10), urls, "http://hedge" if hedge else None
+        "g", MEMBERS, coded, coefficients(3, 1), 2, [4, None], _spec(10), urls, "tcp://hedge:1" if hedge else None
     )
-    return Fanout(group, client, GatewayMetrics())  # type: ignore[arg-type]
+    return Fanout(group, replicas, GatewayMetrics(), replicas.settings)  # type: ignore[arg-type]
 
 
-async def _events(client: ScriptedClient, options: Options, hedge: bool = False) -> list[tuple[str, list[str], float]]:
+async def execute(fanout: Fanout, options: Options, emit: Any = None, arrival: float | None = None) -> Update:
+    """Run one request to its terminal update (the lifecycle's part, without a log)."""
+    done: asyncio.Future[Update] = asyncio.get_running_loop().create_future()
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    start = fanout.clock() if arrival is None else arrival
+    fanout.start(images, options, start, done.set_result, emit)
+    return await done
+
+
+async def _events(
+    client: ScriptedReplicas, options: Options, hedge: bool = False
+) -> list[tuple[str, list[str], float]]:
     out = []
-    started = time.perf_counter()
 
-    async def emit(u: Update) -> None:
+    def emit(u: Update) -> None:
         assert u.event in ("coarse", "refined")
         out.append((u.event, u.decoded_members(), u.elapsed_ms))
 
-    u = await _fanout(client, hedge).execute(np.zeros((1, 1, 28, 28), np.float32), options, started, emit)
+    u = await execute(_fanout(client, hedge), options, emit)
     out.append((u.event, u.decoded_members() if u.event != "error" else [u.error or ""], u.elapsed_ms))
     return out
 
@@ -92,7 +135,7 @@ FAST = [(0.0, 0), (0.01, 1)]
 
 @pytest.mark.anyio
 async def test_every_replica_answering_gives_coarse_refined_final_exact():
-    client = ScriptedClient({"m0": FAST, "m1": FAST, "m2": FAST, "c": [(0.05, 0), (0.05, 1)]})
+    client = ScriptedReplicas({"m0": FAST, "m1": FAST, "m2": FAST, "c": [(0.05, 0), (0.05, 1)]})
     events = await _events(client, Options(stream=True))
     assert [e[0] for e in events][0] == "coarse" and events[-1][0] == "final"
     assert events[-1][1] == []
@@ -100,7 +143,7 @@ async def test_every_replica_answering_gives_coarse_refined_final_exact():
 
 @pytest.mark.anyio
 async def test_a_silent_member_is_decoded_and_its_call_cancelled():
-    client = ScriptedClient({"m0": FAST, "m2": FAST, "c": FAST})
+    client = ScriptedReplicas({"m0": FAST, "m2": FAST, "c": FAST})
     events = await _events(client, Options(stream=True))
     assert events[0] == ("coarse", ["m1"], events[0][2])
     assert events[-1][0] == "final" and events[-1][1] == ["m1"]
@@ -109,7 +152,7 @@ async def test_a_silent_member_is_decoded_and_its_call_cancelled():
 
 @pytest.mark.anyio
 async def test_deadline_without_an_answer_for_every_member_is_one_error():
-    client = ScriptedClient({"m0": FAST, "m2": FAST})
+    client = ScriptedReplicas({"m0": FAST, "m2": FAST})
     events = await _events(client, Options(deadline_ms=100))
     assert [e[0] for e in events] == ["error"]
     assert "deadline_ms 100 passed before ['m1'] had an answer" in events[0][1][0]
@@ -120,7 +163,7 @@ async def test_deadline_without_an_answer_for_every_member_is_one_error():
 @pytest.mark.anyio
 async def test_deadline_with_low_resolution_answers_is_an_approximate_final():
     slow = [(0.0, 0), (5.0, 1)]
-    client = ScriptedClient({"m0": slow, "m1": slow, "m2": slow, "c": slow})
+    client = ScriptedReplicas({"m0": slow, "m1": slow, "m2": slow, "c": slow})
     events = await _events(client, Options(deadline_ms=80, stream=True))
     assert [e[0] for e in events] == ["coarse", "final"]
     assert 80 <= events[-1][2] < 130
@@ -128,7 +171,7 @@ async def test_deadline_with_low_resolution_answers_is_an_approximate_final():
 
 @pytest.mark.anyio
 async def test_replicas_that_all_fail_end_quickly_with_a_503():
-    client = ScriptedClient({}, fail={n: "refused" for n in [*MEMBERS, "c"]})
+    client = ScriptedReplicas({}, fail={n: "refused" for n in [*MEMBERS, "c"]})
     events = await _events(client, Options())
     assert [e[0] for e in events] == ["error"]
     assert "too few coded outputs" in events[0][1][0] and events[0][2] < 50
@@ -137,7 +180,7 @@ async def test_replicas_that_all_fail_end_quickly_with_a_503():
 @pytest.mark.anyio
 async def test_stop_margin_finishes_at_a_low_resolution():
     slow = [(0.0, 0), (5.0, 1)]
-    client = ScriptedClient({"m0": slow, "m1": slow, "m2": slow, "c": slow})
+    client = ScriptedReplicas({"m0": slow, "m1": slow, "m2": slow, "c": slow})
     events = await _events(client, Options(stop_margin=1e-6, stream=True))
     assert [e[0] for e in events] == ["final"] and events[0][2] < 100
 
@@ -145,7 +188,7 @@ async def test_stop_margin_finishes_at_a_low_resolution():
 @pytest.mark.anyio
 async def test_a_silent_member_is_hedged_after_the_initial_delay_and_the_loser_cancelled():
     one = [(0.0, 1)]
-    client = ScriptedClient({"m0": one, "m2": one, "hedge:m1": one})
+    client = ScriptedReplicas({"m0": one, "m2": one, "hedge:m1": one})
     events = await _events(client, Options(), hedge=True)
     assert [e[0] for e in events] == ["final"] and events[0][1] == []  # m1 answered for real, by the hedge
     assert 20 <= events[0][2] < 60  # the 20 ms initial hedge delay
@@ -155,7 +198,7 @@ async def test_a_silent_member_is_hedged_after_the_initial_delay_and_the_loser_c
 @pytest.mark.anyio
 async def test_a_failing_member_is_hedged_at_once():
     one = [(0.0, 1)]
-    client = ScriptedClient({"m0": one, "m2": one, "hedge:m1": one}, fail={"m1": "refused"})
+    client = ScriptedReplicas({"m0": one, "m2": one, "hedge:m1": one}, fail={"m1": "refused"})
     events = await _events(client, Options(), hedge=True)
     assert [e[0] for e in events] == ["final"] and events[0][2] < 15
 
@@ -165,7 +208,7 @@ async def test_every_member_answered_and_no_call_left_ends_at_once():
     """Every call has ended, some only with a coarse answer: nothing can improve the answers, so the
     final goes out now (approximate), not at the deadline."""
     coarse_only = [(0.0, 0)]
-    client = ScriptedClient({"m0": coarse_only, "m1": coarse_only, "m2": coarse_only, "c": coarse_only})
+    client = ScriptedReplicas({"m0": coarse_only, "m1": coarse_only, "m2": coarse_only, "c": coarse_only})
     started = time.perf_counter()
     events = await _events(client, Options(deadline_ms=5000, stream=True))
     assert events[-1][0] == "final" and time.perf_counter() - started < 1.0
@@ -180,11 +223,9 @@ async def test_replicas_that_stopped_confident_are_asked_for_float32_when_the_en
     """Each member stopped at its coarse answer (its own margin), but the ensemble's margin is below
     stop_margin: they are asked once for the float32 answer, which the final then carries."""
     script = {**{n: STOPPED for n in [*MEMBERS, "c"]}, **{f"final:{n}": ONE_SHOT for n in MEMBERS}}
-    client = ScriptedClient(script)
+    client = ScriptedReplicas(script)
     fanout = _fanout(client)
-    update = await fanout.execute(
-        np.zeros((1, 1, 28, 28), np.float32), Options(stop_margin=0.9, stream=True), time.perf_counter(), _ignore
-    )
+    update = await execute(fanout, Options(stop_margin=0.9, stream=True))
     assert update.event == "final" and update.exact_members(1) == MEMBERS
     assert sorted(client.calls) == sorted([(n, True) for n in [*MEMBERS, "c"]] + [(n, False) for n in MEMBERS])
     assert fanout.metrics.final_asks._value.get() == 3
@@ -192,16 +233,10 @@ async def test_replicas_that_stopped_confident_are_asked_for_float32_when_the_en
 
 @pytest.mark.anyio
 async def test_replicas_that_stopped_confident_end_the_request_when_the_ensemble_is_too():
-    client = ScriptedClient({n: STOPPED for n in [*MEMBERS, "c"]})
-    update = await _fanout(client).execute(
-        np.zeros((1, 1, 28, 28), np.float32), Options(stop_margin=1e-6, stream=True), time.perf_counter(), _ignore
-    )
+    client = ScriptedReplicas({n: STOPPED for n in [*MEMBERS, "c"]})
+    update = await execute(_fanout(client), Options(stop_margin=1e-6, stream=True))
     assert update.event == "final" and update.resolution == 0
     assert all(streamed for _, streamed in client.calls)  # nobody asked again
-
-
-async def _ignore(update: Update) -> None:
-    pass
 
 
 @pytest.mark.anyio
@@ -209,8 +244,8 @@ async def test_patient_waits_for_a_member_that_is_slower_than_the_coded_replica_
     """m2 answers 40 ms after the coded replica: eager decodes it, patient (patience 200 ms) waits and
     serves its exact answer."""
     script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "m2": [(0.04, 1)], "c": [(0.0, 1)]}
-    eager = await _events(ScriptedClient(script, decode_policy="eager"), Options())
-    patient = await _events(ScriptedClient(script, patience_initial_ms=200), Options())
+    eager = await _events(ScriptedReplicas(script, decode_policy="eager"), Options())
+    patient = await _events(ScriptedReplicas(script, patience_initial_ms=200), Options())
     assert eager[-1][:2] == ("final", ["m2"]) and eager[-1][2] < 40
     assert patient[-1][:2] == ("final", []) and patient[-1][2] >= 40
 
@@ -220,7 +255,7 @@ async def test_patient_decodes_a_member_once_it_is_late():
     """m2 never answers: once its patience (50 ms + 5 ms margin before any history) has run out it is
     decoded, and the final says so."""
     script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "c": [(0.0, 1)]}
-    events = await _events(ScriptedClient(script, patience_initial_ms=50, patience_margin_ms=5), Options())
+    events = await _events(ScriptedReplicas(script, patience_initial_ms=50, patience_margin_ms=5), Options())
     assert events[-1][:2] == ("final", ["m2"])
     assert 55 <= events[-1][2] < 55 + 100
 
@@ -230,7 +265,7 @@ async def test_patient_streams_a_decoded_answer_early_and_replaces_it_with_the_e
     """On a stream the decoded answer may go out at once (coarse), the exact one replaces it, and the
     final is exact."""
     script = {"m0": FAST, "m1": FAST, "m2": [(0.04, 0), (0.01, 1)], "c": FAST}
-    events = await _events(ScriptedClient(script, patience_initial_ms=200), Options(stream=True))
+    events = await _events(ScriptedReplicas(script, patience_initial_ms=200), Options(stream=True))
     assert events[0][:2] == ("coarse", ["m2"])
     assert events[-1][:2] == ("final", [])
 
@@ -269,14 +304,14 @@ async def test_a_member_whose_patience_runs_out_while_an_update_is_emitted_is_st
     Result: m2 is decoded at once, not when the upstream time-out (2 s) ends the wait."""
     clock = SteppedClock()
     script = {"m0": ONE_SHOT, "m1": ONE_SHOT, "c": [(0.01, 1), (3600, 1)]}
-    client = ScriptedClient(script, patience_initial_ms=50)
+    client = ScriptedReplicas(script, patience_initial_ms=50)
     fanout = _fanout(client)
     fanout.clock = clock
 
-    async def emit(update: Update) -> None:
+    def emit(update: Update) -> None:
         clock.jumped += 0.1  # the patience runs out between two readings of the clock
 
     started = time.perf_counter()
-    update = await fanout.execute(np.zeros((1, 1, 28, 28), np.float32), Options(stream=True), clock(), emit)
+    update = await execute(fanout, Options(stream=True), emit)
     assert update.event == "final" and update.decoded_members() == ["m2"]
     assert time.perf_counter() - started < 0.5

@@ -1,168 +1,352 @@
-"""Replica health checks: what one check concludes (against real loopback sockets), when a ready
-replica is taken out of service (missed checks in a row, or at once on a refusal or a "not ready"),
-and the identity check that keeps out a replica from another bundle, model or plan (DESIGN §3)."""
+"""The gateway's channels to its workers (app/channel.py, app/replicas.py) against scripted workers
+on loopback that speak the channel protocol: the HELLO and identity check (DESIGN §3), pings and
+readiness, a lost connection, broken frames, one channel per resolved address and the balancing
+between them. The real worker's end is tested in tests/workers/test_channel.py and end to end in
+tests/integration."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
-import socket
 import threading
-from collections.abc import Awaitable, Callable
+from typing import Any
 
+import numpy as np
 import pytest
 
+from app.channel import Call, Options, StepAnswer
+from app.errors import ReplicaError
 from app.group import Group
 from app.metrics import GatewayMetrics
-from app.replicas import HEDGE, ReplicaHealth, identity_mismatch
+from app.replicas import HEDGE, Replicas, identity_mismatch
 from app.settings import GatewaySettings
-from app.upstream import Probe, ReplicaClient
+from protocol.channel import (
+    FLOAT,
+    VERSION,
+    FrameReader,
+    Hello,
+    Ping,
+    Pong,
+    Refuse,
+    Result,
+    Step,
+    Welcome,
+    Work,
+    encode,
+)
 from protocol.spec import InputSpec, ModelSpec
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SHA = "a" * 64  # the gateway's bundle manifest
 OTHER_SHA = "b" * 64
+CLASSES = 10
 
 
-def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
-    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
+def _spec(classes: int = CLASSES) -> ModelSpec:
+    return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, ())
 
 
 def _identity(model: str | list[str] = "m0", sha: str = SHA, planes: list[int] | None = None) -> dict:
     return {"bundle_sha256": sha, "model": model, "refinement": [4] if planes is None else planes}
 
 
-READY = Probe("ready", _identity())
-MISSED = Probe("missed", detail="no readiness answer within 1 s")
-DOWN = Probe("down", detail="it says it is not ready")
-
-
-async def _reply(status: str, body: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-    writer.write(head.encode() + body)
-    await writer.drain()
-    writer.close()
-
-
-async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:  # accepts, never answers: a SIGSTOPped process looks like this
-        await asyncio.sleep(5)
-    finally:
-        writer.close()
-
-
-async def _probe(handler: Handler) -> Probe:
-    """One health check against a loopback server running `handler`."""
-    tasks: list[asyncio.Task[None]] = []
-
-    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tasks.append(asyncio.ensure_future(handler(reader, writer)))
-
-    server = await asyncio.start_server(track, "127.0.0.1", 0)
-    client = ReplicaClient(GatewaySettings())
-    try:
-        return await client.ready(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=0.3)
-    finally:
-        await client.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        server.close()
-        await server.wait_closed()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("handler", "expected"),
-    [
-        (lambda r, w: _reply("200 OK", b'{"ready": true}', r, w), Probe("ready")),
-        (lambda r, w: _reply("200 OK", b'{"ready": false}', r, w), Probe("down", detail="it says it is not ready")),
-        (
-            lambda r, w: _reply("503 Service Unavailable", b'{"ready": false, "error": "draining"}', r, w),
-            Probe("down", detail='http_503: {"ready": false, "error": "draining"}'),
-        ),
-        (
-            lambda r, w: _reply("200 OK", b"not json", r, w),
-            Probe("missed", detail="its readiness answer is not a JSON object"),
-        ),
-        (_silent, Probe("missed", detail="no readiness answer within 0.3 s")),
-    ],
-    ids=["ready-without-identity", "says-not-ready", "draining-503", "garbage", "silent"],
-)
-async def test_one_check_concludes_ready_down_or_missed(handler: Handler, expected: Probe):
-    assert await _probe(handler) == expected
-
-
-@pytest.mark.anyio
-async def test_a_ready_answer_brings_the_identity_the_replica_reports():
-    body = json.dumps({"ready": True, "identity": _identity("m1", OTHER_SHA, [2, 4])}).encode()
-    assert await _probe(lambda r, w: _reply("200 OK", body, r, w)) == Probe("ready", _identity("m1", OTHER_SHA, [2, 4]))
-
-
-@pytest.mark.anyio
-async def test_a_refused_connection_is_down_not_missed():
-    client = ReplicaClient(GatewaySettings())
-    try:
-        probe = await client.ready(f"http://127.0.0.1:{_closed_port()}", timeout_s=0.3)
-    finally:
-        await client.close()
-    assert probe.outcome == "down" and probe.detail.startswith("unreachable: cannot connect: ")
-
-
 def _group(urls: dict[str, str], hedge_url: str | None = None) -> Group:
-    return Group("g", ["m0", "m1"], {"c": 0}, None, 2, [4, None], _spec(10), urls, hedge_url, manifest_sha256=SHA)
+    return Group("g", ["m0", "m1"], {"c": 0}, None, 2, [4, None], _spec(), urls, hedge_url, manifest_sha256=SHA)
 
 
-def _health(threshold: int = 3, hedge: bool = False) -> ReplicaHealth:
-    urls = {"m0": "http://127.0.0.1:1", "m1": "http://127.0.0.1:2", "c": "http://127.0.0.1:3"}
-    group = _group(urls, "http://127.0.0.1:4" if hedge else None)
-    client = ReplicaClient(GatewaySettings(health_failure_threshold=threshold))
-    health = ReplicaHealth(group, client, GatewayMetrics(), threading.Event())
-    for name in health.ready:
-        health._record(name, Probe("ready", _identity(["m0", "m1"] if name == HEDGE else name)))
-    return health
+class FakeWorker:
+    """A worker as the channel sees one: answers a HELLO with `identity`, each submit with a float32
+    result after `delay_s` (unless `silent`), pings unless `deaf`; `refuse` refuses every HELLO."""
+
+    def __init__(self, identity: dict | None = None, delay_s: float = 0.0) -> None:
+        self.identity = identity or _identity()
+        self.delay_s = delay_s
+        self.silent = self.deaf = False
+        self.draining = False
+        self.refuse = ""
+        self.submits: list[int] = []
+        self.cancels: list[int] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> FakeWorker:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        frames = FrameReader(to_worker=True)
+        try:
+            while data := await reader.read(65536):
+                for message, _payload in frames.feed(data):
+                    self._handle(message, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def _handle(self, message: Any, writer: asyncio.StreamWriter) -> None:
+        if isinstance(message, Hello):
+            if self.refuse:
+                writer.write(b"".join(encode(Refuse(self.refuse))))
+                writer.close()
+                return
+            model = self.identity.get("model", "m0")
+            models = model if isinstance(model, list) else [model]
+            writer.writelines(encode(Welcome(VERSION, self.identity, models, 784, CLASSES, 64)))
+        elif isinstance(message, Ping) and not self.deaf:
+            writer.writelines(encode(Pong(message.seq, not self.draining, "draining" if self.draining else "")))
+        elif isinstance(message, Work):
+            self.cancels += message.cancels
+            for submit in message.submits:
+                self.submits.append(submit.call)
+                if not self.silent:
+                    asyncio.get_running_loop().call_later(self.delay_s, self._answer, writer, submit.call, submit.rows)
+
+    def _answer(self, writer: asyncio.StreamWriter, call: int, rows: int) -> None:
+        if call in self.cancels or writer.is_closing():
+            return
+        probs = np.full((rows, CLASSES), 0.1, FLOAT)
+        writer.writelines(encode(Step([Result(call, 1, None, True, False, rows, CLASSES)], []), [probs.tobytes()]))
+
+    def send_raw(self, data: bytes) -> None:
+        for writer in self.writers:
+            writer.write(data)
+
+    async def stop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
 
-def test_a_ready_replica_stays_in_until_it_misses_threshold_checks_in_a_row():
-    health = _health(threshold=3)
-    assert health._record("m0", MISSED) and health._record("m0", MISSED)
-    assert health.ready["m0"] and health.is_ready()
-    health._record("m0", READY)  # an answer resets the count
-    assert health._record("m0", MISSED) and health._record("m0", MISSED)
-    assert not health._record("m0", MISSED)
-    assert not health.ready["m0"] and health.is_ready()  # the coded replica covers one member
-    assert not health._record("m0", MISSED)  # a down replica stays down on a miss
-    assert health._record("m0", READY) and health.ready["m0"]
+class Sink:
+    def __init__(self) -> None:
+        self.answers: list[StepAnswer] = []
+        self.errors: list[ReplicaError] = []
+        self.done = asyncio.Event()
+
+    def answered(self, call: Call, answer: StepAnswer) -> None:
+        self.answers.append(answer)
+        self.done.set()
+
+    def failed(self, call: Call, error: ReplicaError) -> None:
+        self.errors.append(error)
+        self.done.set()
 
 
-def test_a_refusal_or_not_ready_answer_takes_a_replica_out_at_once():
-    health = _health(threshold=3)
-    assert not health._record("m1", DOWN)
-    assert not health.ready["m1"]
-    health._record("c", DOWN)
-    assert not health.is_ready()  # a member down and no coded replica to decode it
+FAST = {"health_interval_s": 0.05, "health_timeout_s": 0.05, "health_backoff_max_s": 0.2, "connect_timeout_s": 1.0}
 
 
-def test_a_threshold_of_one_takes_a_replica_out_on_its_first_miss():
-    health = _health(threshold=1)
-    assert not health._record("m0", MISSED)
+async def _replicas(workers: dict[str, FakeWorker], threshold: int = 3, **settings: Any) -> Replicas:
+    urls = {name: f"tcp://127.0.0.1:{w.port}" for name, w in workers.items()}
+    group = _group({n: u for n, u in urls.items() if n != HEDGE}, urls.get(HEDGE))
+    config = GatewaySettings(health_failure_threshold=threshold, **{**FAST, **settings})
+    replicas = Replicas(group, config, GatewayMetrics(), threading.Event())
+    await replicas.start()
+    return replicas
 
 
-def test_a_replica_missing_threshold_checks_gives_that_as_its_reason():
-    health = _health(threshold=2)
-    health._record("m0", MISSED)
-    assert health.reasons() == {}
-    health._record("m0", MISSED)
-    assert health.reasons() == {"m0": "missed 2 health checks in a row (last: no readiness answer within 1 s)"}
+async def _until(condition: Any, timeout_s: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+def _call(replicas: Replicas, name: str, sink: Sink) -> Call:
+    channel = replicas.pick(name)
+    assert channel is not None
+    call = Call(name, name, 1, sink)
+    channel.submit(call, np.zeros((1, 784), FLOAT).tobytes(), Options())
+    return call
+
+
+@pytest.fixture
+async def trio():
+    workers = {n: await FakeWorker(_identity(n)).start() for n in ("m0", "m1", "c")}
+    yield workers
+    for worker in workers.values():
+        await worker.stop()
+
+
+@pytest.mark.anyio
+async def test_replicas_that_welcome_with_the_gateways_identity_are_ready_and_answer(trio):
+    replicas = await _replicas(trio)
+    try:
+        await _until(replicas.is_ready)
+        assert replicas.ready == {"m0": True, "m1": True, "c": True} and replicas.skipped == set()
+        sink = Sink()
+        _call(replicas, "m1", sink)
+        await asyncio.wait_for(sink.done.wait(), 2)
+        assert [a.final for a in sink.answers] == [True] and sink.answers[0].probs.shape == (1, CLASSES)
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_a_replica_of_another_bundle_is_skipped_counted_and_logged_once(trio, caplog):
+    caplog.set_level(logging.WARNING, logger="app.replicas")
+    trio["m1"].identity = _identity("m1", OTHER_SHA)
+    replicas = await _replicas(trio)
+    try:
+        reason = "identity mismatch: bundle sha256 bbbbbbbbbbbb… != aaaaaaaaaaaa… (the gateway's)"
+        await _until(lambda: _count(replicas, "m1") >= 3)  # re-dialled with back-off, refused each time
+        assert replicas.skipped == {"m1"} and replicas.reasons() == {"m1": reason} and replicas.is_ready()
+        assert replicas.mismatched == {"m1": reason}
+        mismatch_lines = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+        assert mismatch_lines == [f"replica m1 (127.0.0.1:{trio['m1'].port}) is not used: {reason}"]
+        trio["m1"].identity = _identity("m1")  # the rolling update completes
+        await _until(lambda: replicas.ready["m1"])
+        assert replicas.skipped == set() and replicas.mismatched == {}
+    finally:
+        await replicas.stop()
+
+
+def _count(replicas: Replicas, name: str) -> float:
+    value = replicas.metrics.registry.get_sample_value("coinserve_replica_identity_mismatch_total", {"replica": name})
+    return value or 0.0
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_refuses_the_hello_is_not_used_and_says_why(trio):
+    trio["c"].refuse = "wrong shared secret"
+    replicas = await _replicas(trio)
+    try:
+        assert replicas.skipped == {"c"} and replicas.unreachable == {"c"}
+        assert replicas.reasons()["c"] == "the worker refused the HELLO: wrong shared secret"
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_a_lost_connection_fails_its_calls_at_once_and_is_dialled_again(trio):
+    trio["m0"].silent = True
+    replicas = await _replicas(trio)
+    try:
+        sink = Sink()
+        _call(replicas, "m0", sink)
+        await _until(lambda: trio["m0"].submits)
+        for writer in trio["m0"].writers:  # the worker goes away (killed)
+            writer.transport.abort()
+        await asyncio.wait_for(sink.done.wait(), 2)
+        assert [e.kind for e in sink.errors] == ["connection"] and sink.answers == []
+        assert "m0" in replicas.skipped or replicas.ready["m0"]  # skipped until it is connected again
+        await _until(lambda: replicas.ready["m0"] and "m0" not in replicas.skipped)
+        trio["m0"].silent = False
+        again = Sink()
+        _call(replicas, "m0", again)
+        await asyncio.wait_for(again.done.wait(), 2)
+        assert again.answers and again.errors == []
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_missed_pings_make_a_replica_not_ready_but_calls_still_go_to_it(trio):
+    replicas = await _replicas(trio, threshold=2)
+    try:
+        await _until(lambda: replicas.ready["m0"])
+        trio["m0"].deaf = True  # SIGSTOP: the connection stays open, nothing answers
+        await _until(lambda: not replicas.ready["m0"])
+        assert replicas.reasons()["m0"].startswith("missed ") and "no answer to a ping" in replicas.reasons()["m0"]
+        assert replicas.skipped == set() and replicas.pick("m0") is not None and replicas.is_ready()
+        trio["m0"].deaf = False
+        await _until(lambda: replicas.ready["m0"])
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_a_draining_worker_is_not_ready(trio):
+    replicas = await _replicas(trio)
+    try:
+        trio["m1"].draining = True
+        await _until(lambda: not replicas.ready["m1"])
+        assert replicas.reasons() == {"m1": "draining: shutting down"}
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_a_result_for_a_call_never_sent_closes_the_channel_and_fails_its_calls_once(trio, caplog):
+    caplog.set_level(logging.WARNING, logger="app.channel")
+    trio["m1"].silent = True
+    replicas = await _replicas(trio)
+    try:
+        sink = Sink()
+        _call(replicas, "m1", sink)
+        await _until(lambda: trio["m1"].submits)
+        probs = np.zeros((1, CLASSES), FLOAT).tobytes()
+        trio["m1"].send_raw(b"".join(encode(Step([Result(99, 1, None, True, False, 1, CLASSES)], []), [probs])))
+        await asyncio.wait_for(sink.done.wait(), 2)
+        await asyncio.sleep(0.05)
+        assert [e.kind for e in sink.errors] == ["connection"]
+        closed = [r.getMessage() for r in caplog.records if "closed" in r.getMessage()]
+        where = f"m1 at 127.0.0.1:{trio['m1'].port}"
+        assert closed == [f"channel to {where} closed: bad frame: a result for call 99, which was never sent"]
+        assert replicas.replicas["m0"].connected  # the other channels go on
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_an_answer_of_the_wrong_shape_fails_only_that_call(trio):
+    trio["m0"].silent = True
+    replicas = await _replicas(trio)
+    try:
+        sink = Sink()
+        _call(replicas, "m0", sink)
+        await _until(lambda: trio["m0"].submits)
+        call = trio["m0"].submits[0]
+        three = np.zeros((1, 3), FLOAT).tobytes()
+        trio["m0"].send_raw(b"".join(encode(Step([Result(call, 1, None, True, False, 1, 3)], []), [three])))
+        await asyncio.wait_for(sink.done.wait(), 2)
+        assert [(e.kind, e.detail) for e in sink.errors] == [("garbage", "an answer of shape [1, 3], expected [1, 10]")]
+        assert replicas.replicas["m0"].connected
+    finally:
+        await replicas.stop()
+
+
+@pytest.mark.anyio
+async def test_every_resolved_address_gets_a_channel_and_calls_go_to_the_shortest_queue():
+    """A member behind a headless Service: one channel per pod, calls balanced by the gateway's own
+    queue lengths; a pod added by a scale-up takes calls once resolved, a removed one is retired."""
+    pods = [await FakeWorker(_identity("m0"), delay_s=0.2).start() for _ in range(3)]
+    others = {n: await FakeWorker(_identity(n)).start() for n in ("m1", "c")}
+    resolved = [("127.0.0.1", pods[0].port), ("127.0.0.1", pods[1].port)]
+
+    async def resolver(host: str, port: int) -> list[tuple[str, int]]:
+        return list(resolved) if host == "pods.test" else [(host, port)]
+
+    group = _group({"m0": "tcp://pods.test:1", **{n: f"tcp://127.0.0.1:{w.port}" for n, w in others.items()}})
+    replicas = Replicas(group, GatewaySettings(**FAST), GatewayMetrics(), threading.Event(), resolver)
+    await replicas.start()
+    try:
+        await _until(lambda: sum(e["connected"] for e in replicas.endpoints("m0")) == 2)
+        sinks = [Sink() for _ in range(6)]
+        for sink in sinks:
+            _call(replicas, "m0", sink)
+        assert [len(p.submits) for p in pods[:2]] == [0, 0]  # not flushed yet: one frame per tick
+        await _until(lambda: sum(len(p.submits) for p in pods) == 6)
+        assert [len(p.submits) for p in pods] == [3, 3, 0]
+        resolved.append(("127.0.0.1", pods[2].port))  # scale-up
+        await _until(lambda: sum(e["connected"] for e in replicas.endpoints("m0")) == 3)
+        for sink in [Sink() for _ in range(3)]:
+            _call(replicas, "m0", sink)
+        await _until(lambda: sum(len(p.submits) for p in pods) == 9)
+        assert len(pods[2].submits) == 3  # the new pod has the shortest queue
+        del resolved[0]  # scale-down: retired once idle
+        await _until(lambda: len(replicas.endpoints("m0")) == 2, timeout_s=5)
+    finally:
+        await replicas.stop()
+        for worker in [*pods, *others.values()]:
+            await worker.stop()
 
 
 @pytest.mark.parametrize(
@@ -193,74 +377,11 @@ def test_identity_mismatch_names_every_difference(name: str, reported: object, e
     assert identity_mismatch(_group({}), name, reported) == expected
 
 
-def _samples(health: ReplicaHealth, name: str) -> float | None:
-    return health.metrics.registry.get_sample_value("coinserve_replica_identity_mismatch_total", {"replica": name})
+@pytest.mark.parametrize(
+    "address", ["http://127.0.0.1:8101", "tcp://127.0.0.1", "tcp://:80", "127.0.0.1:80", "tcp://h:1/x", "tcp://h:x"]
+)
+def test_a_replica_address_that_is_not_tcp_host_port_is_refused_with_the_form(address: str):
+    from app.group import parse_address
 
-
-def test_a_replica_of_another_bundle_is_down_skipped_counted_and_logged_once(caplog: pytest.LogCaptureFixture):
-    health = _health()
-    caplog.set_level(logging.WARNING, logger="app.replicas")
-    for _ in range(3):
-        assert not health._record("m1", Probe("ready", _identity("m1", OTHER_SHA)))
-    reason = "identity mismatch: bundle sha256 bbbbbbbbbbbb… != aaaaaaaaaaaa… (the gateway's)"
-    assert not health.ready["m1"] and health.is_ready()  # the coded replica decodes m1
-    assert health.skipped == {"m1"} and health.reasons() == {"m1": reason}
-    assert _samples(health, "m1") == 3
-    assert [r.getMessage() for r in caplog.records] == [f"replica m1 is not used: {reason}", "replica m1 is NOT ready"]
-
-
-def test_a_mismatched_replica_stays_skipped_until_it_reports_the_gateways_identity():
-    health = _health()
-    health._record("m1", Probe("ready", _identity("m0")))
-    health._record("m1", MISSED)  # a check that sees no identity proves nothing
-    health._record("m1", DOWN)
-    assert health.skipped == {"m1"} and health.reasons() == {"m1": "identity mismatch: serves 'm0', not 'm1'"}
-    assert health._record("m1", Probe("ready", _identity("m1")))
-    assert health.skipped == set() and health.reasons() == {} and health.mismatched == {}
-
-
-def test_skipped_joins_open_circuits_and_mismatches_but_leaves_the_hedge_to_its_own_flag():
-    health = _health(hedge=True)
-    health.mark_unreachable("m0")
-    health._record("c", Probe("ready", _identity("c", planes=[3])))
-    health._record(HEDGE, Probe("ready", _identity("m0")))
-    assert health.skipped == {"m0", "c"} and not health.is_hedge_usable
-    assert health.reasons() == {
-        "m0": "a request could not connect: waiting for a health check",
-        "c": "identity mismatch: refinement planes [3] != [4] (the gateway's)",
-        HEDGE: "identity mismatch: serves 'm0', not ['m0', 'm1']",
-    }
-
-
-def test_a_replica_that_reports_no_identity_is_used_with_one_warning(caplog: pytest.LogCaptureFixture):
-    health = _health()
-    caplog.set_level(logging.WARNING, logger="app.replicas")
-    assert health._record("m0", Probe("ready")) and health._record("m0", Probe("ready"))
-    assert health.skipped == set() and _samples(health, "m0") is None
-    assert [r.getMessage() for r in caplog.records] == [
-        "replica m0 reports no identity (an older build): used unverified"
-    ]
-
-
-@pytest.mark.anyio
-async def test_check_all_keeps_out_a_real_replica_that_reports_another_bundle():
-    bodies = {
-        "m0": {"ready": True, "identity": _identity("m0")},
-        "m1": {"ready": True, "identity": _identity("m1", OTHER_SHA)},
-        "c": {"ready": True, "identity": _identity("c")},
-    }
-    servers = [
-        await asyncio.start_server(functools.partial(_reply, "200 OK", json.dumps(b).encode()), "127.0.0.1", 0)
-        for b in bodies.values()
-    ]
-    urls = {n: f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for n, s in zip(bodies, servers, strict=True)}
-    client = ReplicaClient(GatewaySettings())
-    health = ReplicaHealth(_group(urls), client, GatewayMetrics(), threading.Event())
-    try:
-        await health.check_all()
-    finally:
-        await client.close()
-        for server in servers:
-            server.close()
-            await server.wait_closed()
-    assert health.ready == {"m0": True, "m1": False, "c": True} and health.skipped == {"m1"}
+    with pytest.raises(ValueError, match="must be tcp://HOST:PORT, the worker's channel port"):
+        parse_address(address)

@@ -5,10 +5,9 @@ import orjson
 
 from app.decoding import Answer
 from app.eventlog import Event
-from app.fanout import Update
 from app.group import Group
-from app.responses import render
-from app.sse import response_body
+from app.responses import render, response_body
+from app.updates import Update
 from protocol.spec import InputSpec, ModelSpec
 from protocol.v2 import InferRequest, RequestedOutput
 

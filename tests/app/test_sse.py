@@ -3,16 +3,24 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orjson
 
 from app.decoding import Answer
-from app.fanout import Update
+from app.eventlog import Event
 from app.group import Group
-from app.sse import format_event, preamble
+from app.responses import response_body
+from app.sse import event_bytes, preamble
+from app.updates import Update
 from protocol.spec import InputSpec, ModelSpec
 
 
 def _spec(classes: int, labels: tuple[str, ...] = ()) -> ModelSpec:
     return ModelSpec("g", InputSpec("input", (1, 28, 28)), classes, labels)
+
+
+def format_event(update: Update, group: Group, request_id: str | None) -> bytes:
+    data = orjson.dumps(response_body(update, group, request_id))
+    return event_bytes(Event(update.seq, update.event, update.status, data))
 
 
 def _group() -> Group:

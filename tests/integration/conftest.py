@@ -222,3 +222,61 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@dataclass
+class WorkerAnswers:
+    answers: list[Any]  # app.channel.StepAnswer, in order
+    errors: list[Any]  # app.errors.ReplicaError
+
+
+def call_worker(
+    child: launcher.Child,
+    images: np.ndarray,
+    final_only: bool = True,
+    stop_margin: float | None = None,
+    secret: str = "",
+    timeout_s: float = 30.0,
+) -> WorkerAnswers:
+    """One call straight to a worker over its channel, with the gateway's own client (app/channel.py):
+    every answer until its last one (or its failure). Raises what `dial` raises when the worker does
+    not take the connection (a refused HELLO: NotWelcomedError)."""
+    import asyncio
+    import dataclasses
+    from urllib.parse import urlsplit
+
+    from app.channel import Call, ChannelConfig, Options, dial
+    from protocol.channel import MAX_FRAME_BYTES
+
+    parts = urlsplit(child.channel_url)
+    out = WorkerAnswers([], [])
+
+    class Sink:
+        def __init__(self) -> None:
+            self.done = asyncio.Event()
+
+        def answered(self, call: Call, answer: Any) -> None:
+            out.answers.append(answer)
+            if answer.final or answer.stopped:
+                self.done.set()
+
+        def failed(self, call: Call, error: Any) -> None:
+            out.errors.append(error)
+            self.done.set()
+
+    async def run() -> None:
+        config = ChannelConfig(secret, "test", 0, 99, lambda welcome: None, 10.0, 10.0, MAX_FRAME_BYTES)
+        channel = await dial(child.name, (str(parts.hostname), int(parts.port or 0)), config)
+        assert channel.welcome is not None
+        channel.config = dataclasses.replace(config, classes=channel.welcome.classes)
+        try:
+            sink = Sink()
+            call = Call(child.name, child.name, len(images), sink)
+            rows = np.ascontiguousarray(images, dtype="<f4").tobytes()
+            channel.submit(call, rows, Options(0, final_only, stop_margin, None))
+            await asyncio.wait_for(sink.done.wait(), timeout_s)
+        finally:
+            channel.close("done", quiet=True)
+
+    asyncio.run(run())
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Running, request_body, running
+from tests.integration.conftest import Running, call_worker, images_of, request_body, running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 TOKEN = "client-token-7f3a9c"
@@ -72,15 +72,17 @@ def test_probes_stay_open_for_the_kubelet(secured):
     assert httpx.get(f"{service.url}/v2/health/ready", timeout=5).status_code == 200
 
 
-def test_workers_refuse_calls_without_the_gateway_secret(secured):
+def test_workers_refuse_channels_without_the_gateway_secret(secured):
+    """A worker reads nothing on a channel before a HELLO with the shared secret (DESIGN §3)."""
+    from app.channel import NotWelcomedError
+
     service, _ = secured
     worker = service.child("member-0")
-    url = f"{worker.url}/v2/models/member-0/infer"
-    assert httpx.post(url, json=request_body(1), timeout=30).status_code == 401
-    wrong = httpx.post(url, json=request_body(1), headers={"X-Coinserve-Secret": SECRET[:-1]}, timeout=30)
-    assert wrong.status_code == 401
-    right = httpx.post(url, json=request_body(1), headers={"X-Coinserve-Secret": SECRET}, timeout=30)
-    assert right.status_code == 200
+    for wrong in ("", SECRET[:-1]):
+        with pytest.raises(NotWelcomedError, match="the worker refused the HELLO: wrong shared secret"):
+            call_worker(worker, images_of(1), secret=wrong)
+    right = call_worker(worker, images_of(1), secret=SECRET)
+    assert [a.final for a in right.answers] == [True] and right.errors == []
     assert httpx.get(f"{worker.url}/v2/health/ready", timeout=5).status_code == 200
 
 

@@ -7,7 +7,6 @@ be decoded. Faults come from SIGKILL/SIGSTOP, or from the workers' fault knobs (
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -177,10 +176,7 @@ def test_a_replica_that_comes_back_is_used_again(coded_bundle):
         child.process.wait()
         _, events, _ = call(service.url, request_body(1), stream=False)
         assert terminal(events)["data"]["parameters"]["decoded_members"] == ["member-2"]
-        args = ["worker", "--bundle", str(coded_bundle), "--model", "member-2", "--port", str(child.port)]
-        service.cluster.children[service.cluster.children.index(child)] = launcher.spawn(
-            "member-2", child.port, args, dict(os.environ)
-        )
+        service.cluster.children[service.cluster.children.index(child)] = launcher.respawn(child)
         deadline = time.monotonic() + 60
         decoded = ["member-2"]
         while decoded and time.monotonic() < deadline:

@@ -65,8 +65,9 @@ class Mixed:
 
 
 def _worker(name: str, bundle: Path, env: dict[str, str]) -> launcher.Child:
-    port = launcher.free_port()
-    return launcher.spawn(name, port, ["worker", "--bundle", str(bundle), "--model", name, "--port", str(port)], env)
+    port, channel = launcher.free_port(), launcher.free_port()
+    args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(port), "--channel-port", str(channel)]
+    return launcher.spawn(name, port, args, env)
 
 
 def _wait_for_readiness(url: str, expected: dict, timeout_s: float) -> dict:
@@ -93,7 +94,7 @@ def mixed(coded_bundle: Path, other_bundle: Path) -> Iterator[Mixed]:
         for name in [*members, "coded-coin-0"]:
             cluster.children.append(_worker(name, other_bundle if name == STRANGER else coded_bundle, env))
         port = launcher.free_port()
-        replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.url}")]
+        replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.channel_url}")]
         gateway = ["gateway", "--bundle", str(coded_bundle), "--port", str(port), "--grpc-port", "0", *replicas]
         cluster.children.append(launcher.spawn("gateway", port, gateway, {**env, **FAST_HEALTH}))
         launcher.wait_ready(launcher.Cluster(cluster.children[:-1]), timeout_s=60)  # the workers
@@ -125,7 +126,8 @@ def test_readiness_names_the_replica_of_another_bundle_and_why(mixed: Mixed):
 
 def test_a_worker_reports_its_identity_when_ready_and_in_its_metadata(mixed: Mixed, other_bundle: Path):
     identity = {"bundle_sha256": _sha256(other_bundle), "model": STRANGER, "refinement": _planes(other_bundle)}
-    assert httpx.get(f"{mixed.stranger}/v2/health/ready", timeout=5).json() == {"ready": True, "identity": identity}
+    ready = httpx.get(f"{mixed.stranger}/v2/health/ready", timeout=5).json()
+    assert ready == {"ready": True, "identity": identity, "channel_port": ready["channel_port"]}
     metadata = httpx.get(f"{mixed.stranger}/v2/models/{STRANGER}", timeout=5).json()
     assert metadata["parameters"]["identity"] == identity
 

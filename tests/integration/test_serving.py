@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import parse_sse, request_body, running, with_plan
+from tests.integration.conftest import call_worker, images_of, parse_sse, request_body, running, with_plan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SSE = {"Accept": "text/event-stream"}
@@ -182,15 +181,14 @@ def test_the_served_coarse_answer_is_the_integer_reference(service, coded_bundle
     bundle = open_bundle(coded_bundle)
     plan = RefinementPlan.from_dict(bundle.manifest["refinement"])
     assert plan.grid is not None  # coinserve train chose an integer plan on validation
-    worker = service.child("member-0").url
-    meta = httpx.get(f"{worker}/v2/models/member-0", timeout=5).json()["parameters"]
+    worker = service.child("member-0")
+    meta = httpx.get(f"{worker.url}/v2/models/member-0", timeout=5).json()["parameters"]
     assert meta["kernels"][0].startswith("int8/") and meta["kernels"][-1] == "float32"
     assert meta["int8_engine"]["engine"] in meta["int8_engine"]["measured_ms"]
-    body = request_body(5, {"stream": True}, seed=11)
-    lines = [json.loads(line) for line in httpx.post(f"{worker}/v2/models/member-0/infer", json=body).text.splitlines()]
-    assert [line["parameters"]["resolution"] for line in lines] == [0, 1]
-    served = np.array(lines[0]["outputs"][0]["data"], np.float32).reshape(5, -1)
-    images = np.array(body["inputs"][0]["data"], np.float32).reshape(5, 1, 28, 28)
+    images = images_of(5, seed=11)
+    answers = call_worker(worker, images, final_only=False).answers
+    assert [a.resolution for a in answers] == [0, 1]
+    served = answers[0].probs.astype(np.float32)
     resolution = IntResolution(bundle.build_model("member-0"), plan.planes[0], plan.grid, "x86")
     expected = torch.softmax(torch.from_numpy(resolution.reference_logits(images)), dim=1).numpy()
     assert np.array_equal(served, expected)
@@ -206,10 +204,8 @@ def test_stop_margin_stops_the_replicas_too(service):
     assert events[-1]["event"] == "final" and events[-1]["data"]["parameters"]["resolution"] == 0
     time.sleep(0.3)  # a float32 step, had one started, has finished by now
     assert {n: service.worker_metric(n, final_rows) for n in names} == before
-    worker = service.child("member-0").url
-    body = request_body(1, {"stream": True, "stop_margin": 0.001})
-    lines = [json.loads(line) for line in httpx.post(f"{worker}/v2/models/member-0/infer", json=body).text.splitlines()]
-    assert [line["parameters"].get("stopped") for line in lines] == [True]
+    answers = call_worker(service.child("member-0"), images_of(1), final_only=False, stop_margin=0.001).answers
+    assert [a.stopped for a in answers] == [True]
     assert service.worker_metric("member-0", 'coinserve_worker_requests_total{outcome="stopped"}') >= 2
 
 
@@ -322,3 +318,29 @@ def test_answers_agree_with_the_members_run_offline(service, coded_bundle):
         if output["name"] in exact:
             offline = torch.softmax(bundle.build_model(output["name"])(images), 1).detach().numpy().ravel()
             assert max(abs(a - b) for a, b in zip(output["data"], offline, strict=True)) < 1e-6
+
+
+def test_the_coded_replicas_queued_work_is_dropped_once_every_member_has_answered(service):
+    """Redundancy that costs nothing when it is not needed (issue 27):
+    1. SIGSTOP the coded replica: its calls wait in its socket;
+    2. send 20 JSON requests: every member answers, each final cancels its coded call;
+    3. SIGCONT: the worker reads the submits and the cancels together.
+    Result: it computes none of the 20 (each is cancelled before its step starts)."""
+    coded = "coded-coin-0"
+    rows = 'coinserve_worker_rows_computed_total{resolution="1"}'
+    cancelled = 'coinserve_worker_requests_total{outcome="cancelled"}'
+    before = service.worker_metric(coded, rows), service.worker_metric(coded, cancelled)
+    service.signal(coded, signal.SIGSTOP)
+    try:
+        with httpx.Client(timeout=30) as client:
+            answers = [
+                client.post(f"{service.url}/v2/models/fashion/infer", json=request_body(1, seed=i)) for i in range(20)
+            ]
+    finally:
+        service.signal(coded, signal.SIGCONT)
+    assert all(a.status_code == 200 and a.json()["parameters"]["decoded_members"] == [] for a in answers)
+    deadline = time.monotonic() + 10
+    while service.worker_metric(coded, cancelled) < before[1] + 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert service.worker_metric(coded, cancelled) == before[1] + 20
+    assert service.worker_metric(coded, rows) == before[0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from models.bitplanes import RefinementPlan
 from models.networks import MLPConfig, build_mlp
 from models.refine import RefinementEngine
-from workers.batcher import Batcher, Job
+from workers.batcher import Batcher, Job, StepResults
 
 
 def _engine() -> RefinementEngine:
@@ -17,9 +18,29 @@ def _engine() -> RefinementEngine:
     return RefinementEngine(build_mlp(MLPConfig(hidden=(8,))).eval(), RefinementPlan((2, 4)))
 
 
+def _deliver(results: StepResults) -> None:
+    """The batcher's one call per step, routed to each job's queue (the channel does this per connection)."""
+    for job, result in results:
+        job.owner.put_nowait(result)
+        if result.final or result.stopped:
+            job.owner.put_nowait(None)
+
+
+def _dropped(job: Job) -> None:
+    job.owner.put_nowait(None)
+
+
+def _batcher(**options) -> Batcher:
+    return Batcher(_engine(), on_results=_deliver, on_dropped=_dropped, **options)
+
+
+def _job(images: torch.Tensor, **options) -> Job:
+    return Job(images, owner=asyncio.Queue(), **options)
+
+
 async def _results(job: Job) -> list:
     out = []
-    while (item := await job.results.get()) is not None:
+    while (item := await job.owner.get()) is not None:
         out.append(item)
     return out
 
@@ -27,10 +48,10 @@ async def _results(job: Job) -> list:
 @pytest.mark.anyio
 async def test_concurrent_requests_share_a_forward_pass_and_get_their_own_rows():
     computed: list[tuple[int, int]] = []
-    batcher = Batcher(_engine(), max_batch=64, max_wait_ms=20, on_compute=lambda rows, i: computed.append((rows, i)))
+    batcher = _batcher(max_batch=64, max_wait_ms=20, on_compute=lambda rows, i: computed.append((rows, i)))
     await batcher.start()
     try:
-        jobs = [Job(torch.rand(n, 1, 28, 28), start=0, final_only=False) for n in (1, 2, 3)]
+        jobs = [_job(torch.rand(n, 1, 28, 28), start=0, final_only=False) for n in (1, 2, 3)]
         for job in jobs:
             batcher.submit(job)
         results = await asyncio.gather(*(_results(j) for j in jobs))
@@ -47,10 +68,10 @@ async def test_concurrent_requests_share_a_forward_pass_and_get_their_own_rows()
 @pytest.mark.anyio
 async def test_final_only_requests_compute_only_the_float32_resolution():
     computed: list[int] = []
-    batcher = Batcher(_engine(), max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i))
+    batcher = _batcher(max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i))
     await batcher.start()
     try:
-        job = Job(torch.rand(1, 1, 28, 28), start=0, final_only=True)
+        job = _job(torch.rand(1, 1, 28, 28), start=0, final_only=True)
         batcher.submit(job)
         assert [r.index for r in await _results(job)] == [2]
     finally:
@@ -61,14 +82,12 @@ async def test_final_only_requests_compute_only_the_float32_resolution():
 @pytest.mark.anyio
 async def test_a_cancelled_job_stops_the_next_resolutions():
     computed: list[int] = []
-    batcher = Batcher(
-        _engine(), max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i), step_delay_s=0.2
-    )
+    batcher = _batcher(max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i), step_delay_s=0.2)
     await batcher.start()
     try:
-        job = Job(torch.rand(1, 1, 28, 28), start=0, final_only=False)
+        job = _job(torch.rand(1, 1, 28, 28), start=0, final_only=False)
         batcher.submit(job)
-        first = await job.results.get()
+        first = await job.owner.get()
         assert first is not None and first.index == 0
         job.cancelled = True
         await asyncio.sleep(0.5)
@@ -92,7 +111,7 @@ class _Held:
     def __init__(self) -> None:
         self.computed: list[tuple[int, int]] = []
         self._release = threading.Event()
-        self.batcher = Batcher(_engine(), max_batch=64, max_wait_ms=0, on_compute=self._on_compute)
+        self.batcher = _batcher(max_batch=64, max_wait_ms=0, on_compute=self._on_compute)
 
     def _on_compute(self, rows: int, index: int) -> None:
         self.computed.append((rows, index))
@@ -118,7 +137,7 @@ class _Held:
 
 
 def _one(rows: int = 1, final_only: bool = False, stop_margin: float | None = None) -> Job:
-    return Job(torch.rand(rows, 1, 28, 28), start=0, final_only=final_only, stop_margin=stop_margin)
+    return _job(torch.rand(rows, 1, 28, 28), start=0, final_only=final_only, stop_margin=stop_margin)
 
 
 @pytest.mark.anyio
@@ -153,7 +172,7 @@ async def test_a_plain_call_goes_before_refinements_too():
 @pytest.mark.parametrize(("margin", "indices"), [(1e-9, [0]), (1.0, [0, 1, 2])])
 async def test_stop_margin_ends_a_confident_request_at_a_coarse_resolution(margin, indices):
     computed: list[int] = []
-    batcher = Batcher(_engine(), max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i))
+    batcher = _batcher(max_batch=64, max_wait_ms=0, on_compute=lambda rows, i: computed.append(i))
     await batcher.start()
     try:
         job = _one(3, stop_margin=margin)
@@ -179,3 +198,38 @@ async def test_a_cancelled_request_waiting_for_a_refinement_is_never_computed():
         results = await _results(b)
     assert [r.index for r in results] == [0, 1, 2]
     assert held.computed == [(1, 0), (1, 0), (1, 1), (1, 2)]
+
+
+@pytest.mark.anyio
+async def test_every_result_of_a_step_reaches_the_loop_in_one_call():
+    """One frame per step: the channel gets the whole step's results at once, not a wake-up per job."""
+    calls: list[int] = []
+
+    def deliver(results: StepResults) -> None:
+        calls.append(len(results))
+        _deliver(results)
+
+    async with _Held() as held:
+        held.batcher.on_results = deliver
+        first = _one(final_only=True)
+        await held.hold(first)
+        rest = [_one(final_only=True) for _ in range(3)]
+        for job in rest:
+            held.batcher.submit(job)
+        held.release()
+        await asyncio.gather(*(_results(j) for j in [first, *rest]))
+    assert calls == [1, 3]
+
+
+@pytest.mark.anyio
+async def test_a_request_past_its_deadline_is_never_started():
+    async with _Held() as held:
+        a = _one(final_only=True)
+        await held.hold(a)
+        late = _job(torch.rand(1, 1, 28, 28), start=0, final_only=True, expires=time.monotonic() + 0.01)
+        held.batcher.submit(late)
+        await asyncio.sleep(0.05)
+        held.release()
+        assert await _results(late) == []
+    assert held.computed == [(1, 2)]
+    assert late.cancelled and held.batcher.outstanding == 0

@@ -13,18 +13,18 @@ import orjson
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from app import status
+from app import measures
 from app.examples import examples_body
 from app.group import load_group
+from app.measures import Activity
 from app.settings import GatewaySettings
-from app.status import Activity
 
-REPLICAS = {"member-0": "http://127.0.0.1:1", "member-1": "http://127.0.0.1:2", "member-2": "http://127.0.0.1:3"}
+REPLICAS = {"member-0": "tcp://127.0.0.1:1", "member-1": "tcp://127.0.0.1:2", "member-2": "tcp://127.0.0.1:3"}
 
 
 def test_recent_latency_is_over_the_window_and_its_percentiles_are_right(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(status.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(measures.time, "monotonic", lambda: clock[0])
     activity = Activity()
     for ms in range(1, 101):  # 1 … 100 ms, all now
         activity.call("a", ms / 1000)
@@ -34,7 +34,7 @@ def test_recent_latency_is_over_the_window_and_its_percentiles_are_right(monkeyp
     recent = activity.recent("a", clock[0])
     assert recent["calls"] == 100 and recent["errors"] == 1 and recent["cut"] == 2 and recent["cut_max_ms"] == 350
     assert recent["p50_ms"] == pytest.approx(50.5) and recent["p99_ms"] == pytest.approx(99.01)
-    clock[0] += status.WINDOW_S + 1  # a minute later: nothing recent
+    clock[0] += measures.WINDOW_S + 1  # a minute later: nothing recent
     activity.call("a", 0.007)
     fresh = {"calls": 1, "errors": 0, "cut": 0, "cut_max_ms": None, "p50_ms": 7.0, "p99_ms": 7.0}
     assert activity.recent("a", clock[0]) == fresh
@@ -44,9 +44,9 @@ def test_recent_latency_is_over_the_window_and_its_percentiles_are_right(monkeyp
 
 def test_a_busy_replica_keeps_a_bounded_sample():
     activity = Activity()
-    for _ in range(status.KEPT * 3):
+    for _ in range(measures.KEPT * 3):
         activity.call("a", 0.001)
-    assert len(activity.calls["a"]) == status.KEPT
+    assert len(activity.calls["a"]) == measures.KEPT
 
 
 def test_finals_count_decoded_members():
