@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,8 @@ from app.settings import GatewaySettings
 from app.updates import Options, Update
 
 logger = logging.getLogger(__name__)
+PROBE_EVERY = 50  # one coded call in this many is not held back: its latency keeps the hold honest
+CODED_INITIAL_S = 0.005  # the coded replicas' time per call before 50 of their calls have been timed
 
 
 class Fanout:
@@ -69,6 +72,10 @@ class Fanout:
         )
         names = [*group.members, *group.coded, HEDGE]
         self.replica_latency = {n: metrics.replica_latency.labels(n) for n in names}  # bound once
+        self.coded_calls = 0
+        # The coded replicas' time per call (from its send to its answer): what a held call still
+        # needs once its hold ends. Starts small: a held call is seldom sent.
+        self.coded_latency = LatencyTracker(quantile=0.5, initial_s=CODED_INITIAL_S)
         self._errors: dict[tuple[str, str], Any] = {}
 
     def error_counter(self, replica: str, kind: str) -> Any:
@@ -123,6 +130,8 @@ class Run:
         self.coded: dict[str, Answer] = {}
         self.failures: dict[str, ReplicaError] = {}
         self.calls: dict[str, list[Call]] = {}  # slot (member or coded model) → its calls in flight
+        self.held: set[str] = set()  # coded replicas whose call waits for its hold to end (not sent yet)
+        self.coded_options = CallOptions()
         self.stopped: set[str] = set()  # replicas that ended at a coarse resolution (stop_margin)
         self.asked_final: set[str] = set()  # replicas asked again for their float32 answer
         self.unrecorded: set[int] = set()  # ids of follow-up calls, whose latency says nothing
@@ -132,6 +141,7 @@ class Run:
         self.dispatched = 0.0
         self.timers: list[asyncio.TimerHandle] = []
         self.wake: asyncio.TimerHandle | None = None
+        self.wake_when: float | None = None
         self.hedging = group.hedge_url is not None and not options.refine and fanout.replicas.is_hedge_usable
 
     # start and end -------------------------------------------------------------------------------
@@ -146,15 +156,25 @@ class Run:
             time_left_ms=self._time_left_ms(),
         )
         self.dispatched = fanout.clock()
-        for name in [*self.members, *self.coded_names]:
+        loop = asyncio.get_running_loop()
+        hold_s = self._coded_hold_ms() / 1000 if self.coded_names else 0.0
+        for name in self.members:
             if name in skipped:
                 self.failures[name] = ReplicaError(name, "unreachable", "not connected; re-dialling")
             else:
                 self._send(name, name, call)
-        if not self.calls:  # every replica's circuit is open: fail now, not at the time-out
+        for name in self.coded_names:
+            if name in skipped:
+                self.failures[name] = ReplicaError(name, "unreachable", "not connected; re-dialling")
+            elif hold_s > 0:  # sent only if a member is still missing when the hold ends
+                self.held.add(name)
+                self.coded_options = call
+                self.timers.append(loop.call_later(hold_s, self._guarded, self._send_held, name, call))
+            else:
+                self._send(name, name, call)
+        if not self.calls and not self.held:  # every replica's circuit is open: fail now, not at the time-out
             self._end(self._failed())
             return
-        loop = asyncio.get_running_loop()
         if self.options.deadline_ms is not None:
             left_s = self.started + self.options.deadline_ms / 1000 - fanout.clock()
         else:
@@ -166,6 +186,34 @@ class Run:
                     delay = fanout.latency.hedge_delay_s(member)
                     self.timers.append(loop.call_later(delay, self._guarded, self._hedge, member))
         self._guarded(self._evaluate)  # a circuit may already have decided it
+
+    def _coded_hold_ms(self) -> float:
+        """How long this request's coded calls may be held back: under the patient policy a coded
+        answer is read only once a member is late (its patience, or the deadline), so it need start
+        only the coded replica's own recent latency before that; a request whose members all answer
+        sooner never sends it, and no worker computes it (issue 27: redundancy that costs nothing
+        when it is not needed). Not for streams (their early decoded answers are read), nor under
+        the eager policy, and one call in PROBE_EVERY goes at once to keep the coded replicas'
+        latency measured."""
+        fanout = self.fanout
+        if not fanout.patient or self.options.stream:
+            return 0.0
+        fanout.coded_calls += 1
+        if fanout.coded_calls % PROBE_EVERY == 0:
+            return 0.0
+        refine = self.options.refine
+        first_late = min(fanout.patience.budget_s(m, refine) for m in self.members)
+        if self.options.deadline_ms is not None:
+            first_late = min(first_late, self.options.deadline_ms / 1000 - (fanout.clock() - self.started))
+        coded_s = max(fanout.coded_latency.hedge_delay_s(c) for c in self.coded_names)  # their p99
+        return max(0.0, (first_late - coded_s - fanout.patience.margin_s) * 1000)
+
+    def _send_held(self, name: str, call: CallOptions) -> None:
+        """A held coded call's hold has ended, or a member is late: send it now."""
+        if name in self.held:
+            self.held.discard(name)
+            self._send(name, name, replace(call, time_left_ms=self._time_left_ms()))
+            self._evaluate()
 
     def _time_left_ms(self) -> float | None:
         if self.options.deadline_ms is None:
@@ -274,9 +322,12 @@ class Run:
         fanout.replica_latency[call.replica].observe(elapsed)
         fanout.activity.call(call.replica, elapsed)
         if call.replica == slot and id(call) not in self.unrecorded:
-            fanout.latency.record(slot, elapsed)
-            if slot in self.group.members:
-                fanout.patience.record(slot, elapsed)
+            if slot in self.group.coded:
+                fanout.coded_latency.record(slot, elapsed)
+                return
+            if self.group.hedge_url is not None:
+                fanout.latency.record(slot, elapsed)
+            fanout.patience.record(slot, elapsed, self.options.refine)
 
     def _cut(self, call: Call) -> None:
         calls = self.calls.get(call.member)
@@ -308,28 +359,43 @@ class Run:
         # would wait for an answer that never comes (issue 27).
         now = self.fanout.clock()
         members, decoder = self.members, self.fanout.decoder
-        final = self.final_resolution
-        if all(m in self.real and self.real[m].resolution == final for m in members):
+        lacking = [m for m in members if self._lacks(m)]
+        if not lacking:
             self._end(self._final({m: self.real[m] for m in members}, now))  # every member exact
             return
         late = self._late(now)
-        usable = decoder.answers(self.real, self.coded, members, decodable=late)
-        if len(usable) == len(members) and self._is_final(usable):
-            self._end(self._final(usable, now))
+        if self.held and late is not None and any(m in late for m in lacking):
+            for name in sorted(self.held):  # a member is late: the held coded calls are needed now
+                self._send_held(name, self.coded_options)
             return
-        if self.on_update is not None or not self.calls:
-            answers = usable if late is None else decoder.answers(self.real, self.coded, members)
+        # A final needs every lacking member decoded (late) or answered at a coarse resolution: until
+        # one of them is, there is nothing to decode (the common case: members answering in time).
+        if late is None or any(m in late or m in self.real for m in lacking):
+            usable = decoder.answers(self.real, self.coded, members, decodable=late)
+            if len(usable) == len(members) and self._is_final(usable):
+                self._end(self._final(usable, now))
+                return
+        else:
+            usable = {}
+        idle = not self.calls and not self.held
+        if self.on_update is not None or idle:
+            answers = usable if late is None and usable else decoder.answers(self.real, self.coded, members)
             if len(answers) == len(members):
-                if not self.calls and not self._ask_final(answers):
+                if idle and not self._ask_final(answers):
                     self._end(self._final(answers, now))  # nothing left that could improve it
                     return
                 update = self._progress(answers)
                 if update is not None and self.on_update is not None:
                     self.on_update(update)
-            elif not self.calls:
+            elif idle:
                 self._end(self._failed())
                 return
         self._wake_at(self._late_at(now))
+
+    def _lacks(self, member: str) -> bool:
+        """No answer of its own at the float32 resolution yet."""
+        answer = self.real.get(member)
+        return answer is None or answer.resolution < self.final_resolution
 
     def _is_final(self, answers: dict[str, Answer]) -> bool:
         if any(a.resolution < self.final_resolution for a in answers.values()):
@@ -369,8 +435,8 @@ class Run:
         if not self.fanout.patient:
             return None
         elapsed = now - self.dispatched
-        budget = self.fanout.patience.budget_s
-        return {m for m in self.members if m not in self.calls or elapsed >= budget(m)}
+        budget, refine = self.fanout.patience.budget_s, self.options.refine
+        return {m for m in self.members if m not in self.calls or elapsed >= budget(m, refine)}
 
     def _late_at(self, now: float) -> float | None:
         """When the next member that lacks its own final answer and is not late at `now` becomes late
@@ -380,7 +446,7 @@ class Run:
             return None
         elapsed = now - self.dispatched
         budgets = [
-            self.fanout.patience.budget_s(m)
+            self.fanout.patience.budget_s(m, self.options.refine)
             for m in self.members
             if m in self.calls and not (m in self.real and self.real[m].resolution == self.final_resolution)
         ]
@@ -388,12 +454,19 @@ class Run:
         return self.dispatched + min(ahead) if ahead else None
 
     def _wake_at(self, when: float | None) -> None:
+        if when == self.wake_when and self.wake is not None:
+            return  # the timer already set for it stands
         if self.wake is not None:
             self.wake.cancel()
             self.wake = None
+        self.wake_when = when
         if when is not None:
             delay = max(0.0, when - self.fanout.clock())
-            self.wake = asyncio.get_running_loop().call_later(delay, self._guarded, self._evaluate)
+            self.wake = asyncio.get_running_loop().call_later(delay, self._guarded, self._wake_up)
+
+    def _wake_up(self) -> None:
+        self.wake = None
+        self._evaluate()
 
     # updates -------------------------------------------------------------------------------------
     def _update(
@@ -410,7 +483,7 @@ class Run:
             elapsed = now - self.dispatched
             for m, answer in answers.items():
                 if not answer.real and m in self.calls:
-                    self.fanout.patience.record(m, elapsed)
+                    self.fanout.patience.record(m, elapsed, self.options.refine)
         return self._update("final", answers)
 
     def _progress(self, answers: dict[str, Answer]) -> Update | None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,7 +77,7 @@ class HotPath:
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"")
         request_id = given if given and len(given) <= 128 and given.decode("latin-1").isprintable() else None
-        extra = [(b"x-request-id", request_id or uuid.uuid4().hex.encode()), *self._cors(headers)]
+        extra = [(b"x-request-id", request_id or os.urandom(16).hex().encode()), *self._cors(headers)]
         status = 500
         try:
             dataplane = scope["state"]["gateway"].dataplane

@@ -10,6 +10,10 @@ decoded is recorded at the time it was cut (a lower bound of its latency): when 
 for good, more than (1 − quantile) of its calls are cut, the quantile climbs and the patience
 follows it; a short pause (SIGSTOP) moves it only a little. The deadline overrides patience: at the
 deadline the best answers, decoded ones included, are released.
+
+Plain calls (the float32 answer only) and refining ones (every resolution, for a stream or a
+deadline) take different times to their final answer, so each kind has its own patience: a stream
+is not decoded merely for being slower than the plain calls around it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.hedging import LatencyTracker
+
+
+def _key(member: str, refine: bool) -> str:
+    return f"{member} (refine)" if refine else member
 
 
 class Patience:
@@ -27,13 +35,14 @@ class Patience:
         self.margin_s = margin_s
         self.on_change = on_change
 
-    def budget_s(self, member: str) -> float:
+    def budget_s(self, member: str, refine: bool = False) -> float:
         """How long a call to `member` may run before its member counts as late."""
-        return self.tracker.hedge_delay_s(member) + self.margin_s
+        return self.tracker.hedge_delay_s(_key(member, refine)) + self.margin_s
 
-    def record(self, member: str, seconds: float) -> None:
-        before = self.tracker.delays.get(member)
-        self.tracker.record(member, seconds)
-        after = self.tracker.delays.get(member)
-        if self.on_change is not None and after is not None and after != before:
+    def record(self, member: str, seconds: float, refine: bool = False) -> None:
+        key = _key(member, refine)
+        before = self.tracker.delays.get(key)
+        self.tracker.record(key, seconds)
+        after = self.tracker.delays.get(key)
+        if self.on_change is not None and not refine and after is not None and after != before:
             self.on_change(member, after + self.margin_s)

@@ -224,6 +224,9 @@ class Replica:
 
     def pick(self) -> WorkerChannel | None:
         """The usable channel with the fewest calls in flight (ready workers before draining ones)."""
+        if len(self.endpoints) == 1:  # one worker process: the common case, and the hot path
+            (endpoint,) = self.endpoints.values()
+            return endpoint.channel if endpoint.usable else None
         best: WorkerChannel | None = None
         best_key: tuple[int, int] | None = None
         endpoints = list(self.endpoints.values())
@@ -285,6 +288,7 @@ class Replica:
         metrics = self.owner.metrics
         metrics.replica_ready.labels(self.name).set(1 if ready else 0)
         metrics.replica_circuit_open.labels(self.name).set(0 if self.connected or self.mismatch else 1)
+        self.owner.changed()
 
     async def refresh(self, resolver: Resolver) -> None:
         """Resolve the address again: new endpoints are dialled, vanished ones retired."""
@@ -328,6 +332,11 @@ class Replicas:
         secret = settings.worker_secret
         self._secret = secret.get_secret_value() if secret is not None else ""
         self._task: asyncio.Task[None] | None = None
+        self._skipped = set(self.group.urls)  # until connected (kept up to date by `changed`)
+
+    def changed(self) -> None:
+        """A replica's state changed: what every request reads is computed here, not per request."""
+        self._skipped = {n for n, r in self.replicas.items() if n in self.group.urls and not r.connected}
 
     def config_for(self, name: str) -> ChannelConfig:
         def check(welcome: Welcome) -> str | None:
@@ -368,7 +377,7 @@ class Replicas:
     @property
     def skipped(self) -> set[str]:
         """Group replicas no request may call: none of their endpoints is connected."""
-        return {n for n, r in self.replicas.items() if n in self.group.urls and not r.connected}
+        return self._skipped
 
     @property
     def is_hedge_usable(self) -> bool:

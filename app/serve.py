@@ -56,6 +56,7 @@ def serve(
         port=port,
         log_level=log_level,
         access_log=False,
+        proxy_headers=False,  # the gateway logs the peer it sees; X-Forwarded-For is a proxy's business
         timeout_graceful_shutdown=int(graceful_s),
         timeout_keep_alive=75,  # keep the gateway's pooled connections; uvicorn's default is 5 s
     )

@@ -12,6 +12,7 @@ as the group `fashion` they were always served as.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,7 @@ class InputSpec:
 
     def accepted(self) -> list[tuple[int, ...]]:
         """Per-row shapes a request may use: the stated one, without its size-1 dimensions, or flat."""
-        shapes = [self.shape, tuple(d for d in self.shape if d != 1), (self.size,)]
-        return [s for i, s in enumerate(shapes) if s and s not in shapes[:i]]
+        return _accepted(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "datatype": self.datatype}
@@ -49,6 +49,12 @@ class InputSpec:
     def metadata(self) -> dict[str, Any]:
         """As OIP model metadata lists it: the batch dimension as -1."""
         return {**self.to_dict(), "shape": [-1, *self.shape]}
+
+
+@functools.cache
+def _accepted(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    shapes = [shape, tuple(d for d in shape if d != 1), (math.prod(shape),)]
+    return [s for i, s in enumerate(shapes) if s and s not in shapes[:i]]
 
 
 @dataclass(frozen=True)

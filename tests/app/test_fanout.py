@@ -276,11 +276,15 @@ def test_patience_is_a_quantile_of_recent_calls_plus_the_margin():
     changes: list[tuple[str, float]] = []
     patience = Patience(0.9, 0.005, 0.05, on_change=lambda m, s: changes.append((m, s)))
     assert patience.budget_s("m0") == pytest.approx(0.055)  # no history yet
-    samples = [ms / 1000 for ms in range(1, 102)]  # the quantile is refreshed every 50 new samples
-    for seconds in samples:
+    samples = [ms / 1000 for ms in range(1, 101)]  # the quantile is refreshed every 50 new samples
+    for seconds in samples[:49]:
+        patience.record("m0", seconds)
+    assert patience.budget_s("m0") == pytest.approx(0.055)  # 49 calls are not a history yet
+    for seconds in samples[49:]:
         patience.record("m0", seconds)
     assert patience.budget_s("m0") == pytest.approx(float(np.quantile(samples, 0.9)) + 0.005)
     assert changes and changes[-1][0] == "m0"
+    assert patience.budget_s("m0", refine=True) == pytest.approx(0.055)  # refining calls keep their own
 
 
 class SteppedClock:
@@ -315,3 +319,39 @@ async def test_a_member_whose_patience_runs_out_while_an_update_is_emitted_is_st
     update = await execute(fanout, Options(stream=True), emit)
     assert update.event == "final" and update.decoded_members() == ["m2"]
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.anyio
+async def test_a_plain_request_whose_members_answer_in_time_never_calls_the_coded_replica():
+    """Patient policy: the coded answer is read only once a member is late, so its call is held back
+    (patience 55 ms less the coded replica's latency, 5 ms before any history, less the 5 ms margin)
+    and never sent when every member answers sooner (issue 27)."""
+    replicas = ScriptedReplicas({"m0": ONE_SHOT, "m1": ONE_SHOT, "m2": [(0.01, 1)], "c": ONE_SHOT})
+    events = await _events(replicas, Options())
+    assert events == [("final", [], events[0][2])]
+    assert sorted(name for name, _ in replicas.calls) == ["m0", "m1", "m2"]
+
+
+@pytest.mark.anyio
+async def test_a_held_coded_call_goes_out_when_its_hold_ends_and_decodes_the_late_member():
+    replicas = ScriptedReplicas({"m0": ONE_SHOT, "m1": ONE_SHOT, "c": ONE_SHOT})
+    events = await _events(replicas, Options())
+    assert events[-1][:2] == ("final", ["m2"])
+    assert 55 <= events[-1][2] < 55 + 50  # at m2's patience: the coded answer was there by then
+    assert sorted(name for name, _ in replicas.calls) == ["c", "m0", "m1", "m2"]
+
+
+@pytest.mark.anyio
+async def test_a_member_failing_sends_the_held_coded_call_at_once():
+    replicas = ScriptedReplicas({"m0": ONE_SHOT, "m1": ONE_SHOT, "c": ONE_SHOT}, fail={"m2": "refused"})
+    events = await _events(replicas, Options())
+    assert events[-1][:2] == ("final", ["m2"]) and events[-1][2] < 30
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("options", [Options(stream=True), Options()], ids=["stream", "eager"])
+async def test_streams_and_the_eager_policy_call_the_coded_replica_at_once(options):
+    policy = {} if options.stream else {"decode_policy": "eager"}
+    replicas = ScriptedReplicas({"m0": ONE_SHOT, "m1": ONE_SHOT, "m2": [(0.02, 1)], "c": ONE_SHOT}, **policy)
+    await _events(replicas, options)
+    assert "c" in [name for name, _ in replicas.calls]

@@ -111,6 +111,7 @@ class _Held:
     def __init__(self) -> None:
         self.computed: list[tuple[int, int]] = []
         self._release = threading.Event()
+        # the test holds the compute thread while the event loop goes on
         self.batcher = _batcher(max_batch=64, max_wait_ms=0, on_compute=self._on_compute)
 
     def _on_compute(self, rows: int, index: int) -> None:
@@ -233,3 +234,16 @@ async def test_a_request_past_its_deadline_is_never_started():
         assert await _results(late) == []
     assert held.computed == [(1, 2)]
     assert late.cancelled and held.batcher.outstanding == 0
+
+
+@pytest.mark.anyio
+async def test_steps_can_run_on_the_event_loop_too():
+    batcher = _batcher(max_batch=64, max_wait_ms=0, threaded=False)
+    await batcher.start()
+    try:
+        job = _one(2)
+        batcher.submit(job)
+        assert [r.index for r in await _results(job)] == [0, 1, 2]
+    finally:
+        await batcher.stop()
+    assert batcher.executor is None
