@@ -205,8 +205,8 @@ class Run:
         first_late = min(fanout.patience.budget_s(m, refine) for m in self.members)
         if self.options.deadline_ms is not None:
             first_late = min(first_late, self.options.deadline_ms / 1000 - (fanout.clock() - self.started))
-        coded_s = max(fanout.coded_latency.hedge_delay_s(c) for c in self.coded_names)  # their p99
-        return max(0.0, (first_late - coded_s - fanout.patience.margin_s) * 1000)
+        coded_s = max(fanout.coded_latency.hedge_delay_s(c) for c in self.coded_names)  # their median
+        return max(0.0, (first_late - coded_s) * 1000)
 
     def _send_held(self, name: str, call: CallOptions) -> None:
         """A held coded call's hold has ended, or a member is late: send it now."""
@@ -430,13 +430,16 @@ class Run:
 
     def _late(self, now: float) -> set[str] | None:
         """Members whose answers may be decoded for the final at `now`: all (None) under the eager
-        policy; under the patient one, those that are late: their call has run past their patience, or
-        has ended without the answer (failed, or never sent: an open circuit)."""
+        policy; under the patient one, those that are late: their call has run past their patience, has
+        ended without the answer (failed, or never sent: an open circuit), or goes to a replica that
+        has stopped answering its pings (a paused process: waiting for it only makes every request
+        wait its patience)."""
         if not self.fanout.patient:
             return None
         elapsed = now - self.dispatched
         budget, refine = self.fanout.patience.budget_s, self.options.refine
-        return {m for m in self.members if m not in self.calls or elapsed >= budget(m, refine)}
+        gone = self.fanout.replicas.unresponsive  # missed its pings: nothing to wait for
+        return {m for m in self.members if m not in self.calls or m in gone or elapsed >= budget(m, refine)}
 
     def _late_at(self, now: float) -> float | None:
         """When the next member that lacks its own final answer and is not late at `now` becomes late
@@ -481,8 +484,9 @@ class Run:
         lower bound of their latency, so that a node that slowed down for good raises its patience)."""
         if self.fanout.patient:
             elapsed = now - self.dispatched
+            gone = self.fanout.replicas.unresponsive  # not waited for: its cut says nothing of its speed
             for m, answer in answers.items():
-                if not answer.real and m in self.calls:
+                if not answer.real and m in self.calls and m not in gone:
                     self.fanout.patience.record(m, elapsed, self.options.refine)
         return self._update("final", answers)
 

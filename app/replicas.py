@@ -252,6 +252,13 @@ class Replica:
         reasons = [e.mismatch for e in self.endpoints.values()]
         return reasons[0] if reasons and all(reasons) else None
 
+    @property
+    def stalled(self) -> bool:
+        """Connected, and every connected worker has missed `health_failure_threshold` pings in a row."""
+        threshold = self.owner.settings.health_failure_threshold
+        channels = [e.channel for e in self.endpoints.values() if e.usable and e.channel is not None]
+        return bool(channels) and all(c.missed >= threshold for c in channels)
+
     def _healthy(self) -> bool:
         threshold = self.owner.settings.health_failure_threshold
         return any(
@@ -333,10 +340,13 @@ class Replicas:
         self._secret = secret.get_secret_value() if secret is not None else ""
         self._task: asyncio.Task[None] | None = None
         self._skipped = set(self.group.urls)  # until connected (kept up to date by `changed`)
+        # Connected, but every connected worker has missed its pings (a paused process).
+        self.unresponsive: set[str] = set()
 
     def changed(self) -> None:
         """A replica's state changed: what every request reads is computed here, not per request."""
         self._skipped = {n for n, r in self.replicas.items() if n in self.group.urls and not r.connected}
+        self.unresponsive = {n for n, r in self.replicas.items() if r.stalled}
 
     def config_for(self, name: str) -> ChannelConfig:
         def check(welcome: Welcome) -> str | None:

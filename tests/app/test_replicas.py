@@ -256,8 +256,10 @@ async def test_missed_pings_make_a_replica_not_ready_but_calls_still_go_to_it(tr
         await _until(lambda: not replicas.ready["m0"])
         assert replicas.reasons()["m0"].startswith("missed ") and "no answer to a ping" in replicas.reasons()["m0"]
         assert replicas.skipped == set() and replicas.pick("m0") is not None and replicas.is_ready()
+        assert replicas.unresponsive == {"m0"}  # requests do not wait for its answers (app/fanout.py)
         trio["m0"].deaf = False
         await _until(lambda: replicas.ready["m0"])
+        assert replicas.unresponsive == set()
     finally:
         await replicas.stop()
 
@@ -269,6 +271,7 @@ async def test_a_draining_worker_is_not_ready(trio):
         trio["m1"].draining = True
         await _until(lambda: not replicas.ready["m1"])
         assert replicas.reasons() == {"m1": "draining: shutting down"}
+        assert replicas.unresponsive == set()  # it still answers what it has
     finally:
         await replicas.stop()
 
