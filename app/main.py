@@ -6,6 +6,7 @@ which keeps every other route and the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -56,6 +57,9 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
         gateway.lag.start()
         logger.info("gateway for %s: members %s, coded %s", group.name, group.members, list(group.coded))
         grpc_server = await start_server(gateway, settings.host, settings.grpc_port) if settings.grpc_port else None
+        # What start-up made lives as long as the process: out of the collector's way, or every full
+        # collection walks it (56 ms measured on the gateway at 20% load: the p99.9 without stragglers).
+        gc.freeze()
         try:
             yield {"gateway": gateway}
         finally:

@@ -12,6 +12,7 @@ bundle, model or plan (a half-done rolling update).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ def create_app(settings: WorkerSettings, drain: threading.Event | None = None) -
             await served.batcher.start()
         await channel.start(settings.host, settings.channel)
         logger.info("serving %s from %s; channel on port %d", list(state.models), settings.bundle, settings.channel)
+        gc.freeze()  # the model and the imports live as long as the process: no full collection walks them
         try:
             yield {"worker": state}
         finally:

@@ -43,7 +43,12 @@ class WorkerSettings(BaseSettings):
         None, ge=0, le=65535, description="the gateway channel (inference); default: the HTTP port + 1"
     )
     max_batch: int = Field(64, ge=1, description="most rows in one forward pass")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long the first request of a batch waits for company")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long the first request of a batch waits for company; 0: none, the calls that arrive "
+        "while a step runs make the next batch (measured: no throughput gained by waiting, p50 lower without)",
+    )
     max_request_batch: int = Field(64, ge=1, description="most rows one request may carry")
     threads: int = Field(1, ge=1, description="torch threads: one per replica, replicas share the cores")
     int8_engine: str = Field(
