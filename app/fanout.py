@@ -130,6 +130,7 @@ class Run:
         self.coded: dict[str, Answer] = {}
         self.failures: dict[str, ReplicaError] = {}
         self.calls: dict[str, list[Call]] = {}  # slot (member or coded model) → its calls in flight
+        self.budgets: dict[str, float] = {}  # member → its patience for this request (patient policy)
         self.held: set[str] = set()  # coded replicas whose call waits for its hold to end (not sent yet)
         self.coded_options = CallOptions()
         self.stopped: set[str] = set()  # replicas that ended at a coarse resolution (stop_margin)
@@ -156,6 +157,8 @@ class Run:
             time_left_ms=self._time_left_ms(),
         )
         self.dispatched = fanout.clock()
+        if fanout.patient:  # this request's patience per member, as it stands when its calls go out
+            self.budgets = {m: fanout.patience.budget_s(m, refine) for m in self.members}
         loop = asyncio.get_running_loop()
         hold_s = self._coded_hold_ms() / 1000 if self.coded_names else 0.0
         for name in self.members:
@@ -201,8 +204,7 @@ class Run:
         fanout.coded_calls += 1
         if fanout.coded_calls % PROBE_EVERY == 0:
             return 0.0
-        refine = self.options.refine
-        first_late = min(fanout.patience.budget_s(m, refine) for m in self.members)
+        first_late = min(self.budgets.values())
         if self.options.deadline_ms is not None:
             first_late = min(first_late, self.options.deadline_ms / 1000 - (fanout.clock() - self.started))
         coded_s = max(fanout.coded_latency.hedge_delay_s(c) for c in self.coded_names)  # their median
@@ -437,9 +439,9 @@ class Run:
         if not self.fanout.patient:
             return None
         elapsed = now - self.dispatched
-        budget, refine = self.fanout.patience.budget_s, self.options.refine
+        budgets, calls = self.budgets, self.calls
         gone = self.fanout.replicas.unresponsive  # missed its pings: nothing to wait for
-        return {m for m in self.members if m not in self.calls or m in gone or elapsed >= budget(m, refine)}
+        return {m for m in self.members if m not in calls or m in gone or elapsed >= budgets[m]}
 
     def _late_at(self, now: float) -> float | None:
         """When the next member that lacks its own final answer and is not late at `now` becomes late
@@ -448,11 +450,7 @@ class Run:
         if not self.fanout.patient:
             return None
         elapsed = now - self.dispatched
-        budgets = [
-            self.fanout.patience.budget_s(m, self.options.refine)
-            for m in self.members
-            if m in self.calls and not (m in self.real and self.real[m].resolution == self.final_resolution)
-        ]
+        budgets = [self.budgets[m] for m in self.members if m in self.calls and self._lacks(m)]
         ahead = [b for b in budgets if b > elapsed]
         return self.dispatched + min(ahead) if ahead else None
 

@@ -113,6 +113,7 @@ class HotPath:
                     slots[1].release()
                 raise
             started = dp.start(slots, body, binary_length, arrival, "infer_stream" if stream else "infer")
+            del body  # parsed: not held while the request runs (a burst of them is the gateway's peak memory)
         except CoinserveError as exc:
             close = isinstance(exc, PayloadTooLargeError)
             await _respond(send, exc.status_code, error_body(exc.message), _JSON, extra, exc.headers, close)
@@ -148,11 +149,21 @@ class HotPath:
         """The terminal event as the answer; a client that hangs up first cancels its request."""
         owned, finished = started.owned, started.owned.finished
         if not finished.done():
-            watcher = asyncio.ensure_future(_disconnect(receive))
+            loop = asyncio.get_running_loop()
+            watcher = loop.create_task(_disconnect(receive))
+            woken = loop.create_future()
+
+            def wake(_: object) -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+            finished.add_done_callback(wake)
+            watcher.add_done_callback(wake)
             try:
-                await asyncio.wait((finished, watcher), return_when=asyncio.FIRST_COMPLETED)
+                await woken
             finally:
                 watcher.cancel()
+                finished.remove_done_callback(wake)
                 if not finished.done():
                     owned.cancel(CLIENT_GONE)  # ends it now: the terminal event is written at once
         event = finished.result()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -145,6 +146,9 @@ async def _load(
             if elapsed > shown:
                 progress.update(elapsed - shown)
                 shown = elapsed
+                # Out of the collector's way, once a second, what has been kept so far: a full
+                # collection over minutes of answers stalled this loop (and showed as lateness).
+                gc.freeze()
         if tasks:
             await asyncio.wait(tasks)
     return results
