@@ -239,17 +239,17 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines + why(report))
 
 
-WHY = """Where coinserve loses, and why (measured). Triton answers every request at a lower CPU cost:
-its front end (HTTP parsing, the ensemble's scheduling) is C++, and its Python-backend instances
-take dynamic batches over shared memory, while every coinserve request goes through a Python
-gateway (FastAPI/uvicorn, the aiohttp fan-out, decoding) and k + 1 Python worker HTTP calls. On two
-shared cores CPU per request is throughput, and the gap shows in the p50 too. Under stragglers
-coinserve's coded replica answers for a paused member, which is where it wins at 20% load; at 40%
-its higher CPU cost leaves less headroom and its tail grows. Ray Serve's per-request cost (its
-HTTP proxy, the ingress actor and one actor call per member, each a Python process hop) is about
-24 times Triton's here: at the shared rates it is overloaded at every point and its requests time
-out (30 s). CPU per answered request at saturation (closed loop, concurrency 32; /proc of every
-process; `python -m bench.peers.cpu --json docs/results/peers_cpu.json`):"""
+WHY = """Where the servers' CPU goes (measured). coinserve's gateway is Python (uvicorn, one
+event loop) and talks to its k + 1 workers over one persistent binary channel each, every call of
+a loop tick in one frame and every answer of a computed step in one (docs/serving.md); a plain
+request's coded call is held back and never computed when every member answers in time. Triton's
+front end is C++ and its Python-backend instances take dynamic batches over shared memory. On two
+shared cores CPU per request is throughput, and a straggler's tail is what each server does about
+a member that does not answer: Triton waits for it, coinserve decodes it once it is late. Ray
+Serve's per-request cost (its HTTP proxy, the ingress actor and one actor call per member, each a
+Python process hop) puts it far behind at every measured rate. CPU per answered request at
+saturation (closed loop, concurrency 32; /proc of every process; the median of alternating rounds;
+`python -m bench.peers.cpu --json docs/results/peers_cpu.json`):"""
 
 
 def why(report: dict[str, Any]) -> list[str]:
@@ -257,7 +257,7 @@ def why(report: dict[str, Any]) -> list[str]:
     if not cpu_path.exists():
         return []
     cpu = json.loads(cpu_path.read_text())
-    lines = ["## Where coinserve loses, and why", "", WHY.split("(measured). ", 1)[1], ""]
+    lines = ["## Where the CPU goes", "", WHY.split("(measured). ", 1)[1], ""]
     lines += ["| server | answered req/s | model processes CPU ms / request | front end CPU ms / request |"]
     lines += ["|---|---|---|---|"]
     for name in SERVERS:
