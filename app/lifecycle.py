@@ -90,6 +90,7 @@ class Lifecycle:
 
     def _end(self, owned: Owned, request: Admitted, update: Update) -> None:
         self.running.discard(owned)
+        owned.run = None  # it has ended: nothing to cancel, and no cycle to leave to the collector
         try:
             event = self._append(owned, update, request.request_id)
         finally:

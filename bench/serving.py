@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -101,7 +102,48 @@ def _log(label: str, result: dict[str, Any]) -> None:
     print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in result.items()), flush=True)
 
 
+async def direct_calls(worker: launcher.Child, images: np.ndarray, seconds: float) -> list[float]:
+    """One call at a time straight to a worker over its channel, with the gateway's own client
+    (app/channel.py): the milliseconds of each, from submit to its answer."""
+    from urllib.parse import urlsplit
+
+    from app.channel import Call, ChannelConfig, Options, dial
+    from protocol.channel import MAX_FRAME_BYTES
+
+    parts = urlsplit(worker.channel_url)
+    config = ChannelConfig("", "bench", 0, 99, lambda welcome: None, 10.0, 10.0, MAX_FRAME_BYTES)
+    channel = await dial(worker.name, (str(parts.hostname), int(parts.port or 0)), config)
+    assert channel.welcome is not None
+    channel.config = dataclasses.replace(config, classes=channel.welcome.classes)
+    times: list[float] = []
+
+    class Sink:
+        def answered(self, call: Call, answer: Any) -> None:
+            self.done.set_result(None)
+
+        def failed(self, call: Call, error: Any) -> None:
+            self.done.set_exception(RuntimeError(str(error)))
+
+    try:
+        end = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < end:
+            sink = Sink()
+            sink.done = asyncio.get_running_loop().create_future()
+            start = time.perf_counter()
+            rows = np.ascontiguousarray(images[i % len(images)][None], dtype="<f4").tobytes()
+            channel.submit(Call(worker.name, worker.name, 1, sink), rows, Options())
+            await sink.done
+            times.append((time.perf_counter() - start) * 1000)
+            i += 1
+    finally:
+        channel.close("done", quiet=True)
+    return times
+
+
 def overhead(trials: int, seconds: float) -> dict[str, Any]:
+    """The gateway's p50 (HTTP, JSON, k + 1 worker calls) against one worker called directly over
+    its channel (no HTTP, no JSON), one request at a time, on a trivial model."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = trivial_bundle(Path(tmp) / "trivial")
         cluster = launcher.start(bundle, launcher.free_port())
@@ -109,13 +151,13 @@ def overhead(trials: int, seconds: float) -> dict[str, Any]:
             launcher.wait_ready(cluster)
             gateway = cluster.children[-1]
             worker = cluster.children[0]
-            direct_url = f"{worker.url}/v2/models/{worker.name}/infer"
             gateway_url = f"{gateway.url}/v2/models/fashion/infer"
             reqs = bodies()
+            images = load_split("test").images[:64]
             asyncio.run(closed_loop(gateway_url, reqs, 4, 2.0))  # warm-up
             rows = []
             for trial in range(trials):
-                direct = summary(asyncio.run(closed_loop(direct_url, reqs, 1, seconds)))
+                direct = {"p50_ms": round(percentiles(asyncio.run(direct_calls(worker, images, seconds)))[0], 2)}
                 via = summary(asyncio.run(closed_loop(gateway_url, reqs, 1, seconds)))
                 row = {"trial": trial, "direct_p50_ms": direct["p50_ms"], "gateway_p50_ms": via["p50_ms"]}
                 row["ratio"] = round(via["p50_ms"] / direct["p50_ms"], 2)

@@ -354,3 +354,27 @@ def _coded_calls(service) -> dict[str, float]:
             outcome = line.split('outcome="')[1].split('"')[0]
             out[outcome] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def test_a_json_client_that_hangs_up_cancels_its_request(coded_bundle):
+    """1. Every replica holds its replies 3 s (fault delay); a plain JSON request without a deadline.
+    2. The client gives up after 0.5 s.
+    Result: the gateway notices within its watch delay and ends the request (client_gone), instead
+    of keeping it, and its replica calls, for the 3 s."""
+    env = {"COINSERVE_WORKER_FAULT_DELAY": "const:3000"}
+    with running(coded_bundle, env=env) as service:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{service.url}/v2/models/fashion/infer", json=request_body(1), timeout=0.5)
+        gone = 'coinserve_requests_total{endpoint="infer",outcome="client_gone"}'
+        deadline = time.monotonic() + 1.5
+        while _gateway_metric(service, gone) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gateway_metric(service, gone) == 1
+        assert time.monotonic() < deadline  # well before the replicas' 3 s
+
+
+def _gateway_metric(service, sample: str) -> float:
+    for line in httpx.get(f"{service.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
