@@ -50,8 +50,8 @@ class GatewaySettings(BaseSettings):
     )
     max_batch: int = Field(64, ge=1, description="most images in one request")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="largest accepted request body")
-    max_concurrent_requests: int = Field(512, ge=1, description="requests in flight before 503 + Retry-After")
-    max_open_streams: int = Field(256, ge=1, description="open event streams before 503 + Retry-After")
+    max_concurrent_requests: int = Field(512, ge=1, description="requests in flight before 429 + Retry-After")
+    max_open_streams: int = Field(256, ge=1, description="open event streams before 429 + Retry-After")
     max_deadline_ms: float = Field(60_000, gt=0, description="largest deadline_ms a client may ask for")
     overload_lag_ms: float = Field(
         5.0,

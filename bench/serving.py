@@ -299,6 +299,7 @@ def binary(bundle: Path, trials: int, seconds: float, concurrency: int = 32, bat
 def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: float) -> dict[str, Any]:
     cluster = default_cluster(bundle)
     pids = {c.name: c.process.pid for c in cluster.children}
+    coded = next(name for name in pids if name.startswith("coded-"))  # the bundle's first coded replica
     out: dict[str, Any] = {"deadline_ms": deadline_ms, "rate_per_s": rate, "requests_per_trial": count}
     try:
         url = f"{cluster.children[-1].url}/v2/models/fashion/infer"
@@ -306,7 +307,7 @@ def deadline(bundle: Path, trials: int, count: int, rate: float, deadline_ms: fl
         asyncio.run(closed_loop(url, reqs, 4, 2.0))  # warm-up
         for case, paused in (
             ("paused_member", ["member-1"]),
-            ("paused_member_and_coded", ["member-1", "coded-coin-0"]),
+            ("paused_member_and_coded", ["member-1", coded]),
         ):
             for name in paused:
                 os.kill(pids[name], signal.SIGSTOP)
@@ -382,6 +383,7 @@ def overload(
         finally:
             stop.set()
             sampler.join()
+        overrun = overrun_buckets(gateway.url)
     finally:
         cluster.stop()
     refused = [s for s in run.samples if s.status in (429, 503)]
@@ -414,6 +416,7 @@ def overload(
             zip(("p50", "p99", "p999"), (round(v, 2) for v in percentiles([s.final_ms for s in refused])), strict=True)
         ),
         "refused_max_ms": round(max((s.final_ms for s in refused), default=float("nan")), 2),
+        "gateway_overrun_buckets": overrun,
         "gateway_rss_mib_first_10s": round(float(np.median(first)), 2),
         "gateway_rss_mib_last_10s": round(float(np.median(last)), 2),
         "gateway_rss_series": rss,
@@ -425,6 +428,21 @@ def overload(
             json.dump({"columns": ["sent_at_s", "client_ms", "status", "outcome"], "rows": rows}, f)
     _log("overload", {k: v for k, v in result.items() if k != "gateway_rss_series"})
     return result
+
+
+def overrun_buckets(gateway_url: str) -> dict[str, float]:
+    """The gateway's own count of how late past its deadline each admitted request's terminal event
+    was written (coinserve_deadline_overrun_seconds): the share of requests within each bound, by
+    the server's clock, apart from the load generator's (which shares the two cores)."""
+    import httpx
+
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{gateway_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("coinserve_deadline_overrun_seconds_bucket"):
+            bound = line.split('le="')[1].split('"')[0]
+            counts[bound] = float(line.rsplit(" ", 1)[1])
+    total = counts.get("+Inf", 0.0) or 1.0
+    return {f"within_{b}_s": round(n / total, 5) for b, n in counts.items()} | {"requests": counts.get("+Inf", 0.0)}
 
 
 def bootstrap_ci(values: list[float], q: float, draws: int = 1000, seed: int = 0) -> list[float] | None:
