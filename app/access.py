@@ -57,7 +57,9 @@ class AccessLogMiddleware:
         async def tagged_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), request_id.encode())]
+                # read at the response: a route may have named the request (POST /v1/requests: its id)
+                tag = state["request_id"].encode()
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), tag)]
             await send(message)
 
         try:
@@ -67,7 +69,7 @@ class AccessLogMiddleware:
                 await _too_large(send, request_id, self.max_body_bytes)
                 status["code"] = 413
         finally:
-            log_access(scope, int(status["code"]), start, request_id)
+            log_access(scope, int(status["code"]), start, state["request_id"])
 
 
 def log_access(scope: Scope, status: int, start: float, request_id: str) -> None:

@@ -91,6 +91,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         eval_paths=tuple(args.eval) if args.eval else None,
         name=args.name,
         force=args.force,
+        valid_range=tuple(args.input_range) if args.input_range else None,
     )
     print(f"next: coinserve code --bundle {args.out} && coinserve up --bundle {args.out}")
     return 0
@@ -126,6 +127,14 @@ def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--name", help="the group name served at /v2/models/NAME (default: the spec's, else --out's)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument(
+        "--input-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="the input's valid values, e.g. 0 1: the gateway refuses a request with any value outside [LOW, HIGH] "
+        "(default: the spec's input.range, else unchecked)",
+    )
     p.set_defaults(func=_cmd_import)
 
 

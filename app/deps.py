@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from app.state import Gateway
 
@@ -31,6 +31,21 @@ async def authorised(request: Request, gw: Annotated[Gateway, Depends(gateway)])
     return gw
 
 
+async def may_follow(
+    request: Request,
+    request_id: str,
+    gw: Annotated[Gateway, Depends(gateway)],
+    ticket: Annotated[
+        str | None,
+        Query(description="the ticket `events_url` carries: stands in for the bearer token, for this request only"),
+    ] = None,
+) -> Gateway:
+    """`/v1/requests/{request_id}[/events]`: the bearer token, or a ticket for that request (a browser
+    `EventSource` cannot send a header)."""
+    gw.dataplane.authorise_follow(request.headers.get("authorization"), request_id, ticket)
+    return gw
+
+
 async def known_group(group: str, gw: Annotated[Gateway, Depends(gateway)]) -> Gateway:
     gw.dataplane.check_model(group, None)
     return gw
@@ -39,3 +54,4 @@ async def known_group(group: str, gw: Annotated[Gateway, Depends(gateway)]) -> G
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 AuthorisedDep = Annotated[Gateway, Depends(authorised)]
 GroupDep = Annotated[Gateway, Depends(known_group)]
+FollowDep = Annotated[Gateway, Depends(may_follow)]

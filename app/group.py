@@ -61,6 +61,8 @@ class Group:
                 "resolutions": [{"index": i, "planes": p} for i, p in enumerate(self.planes)],
                 "classes": self.classes,
                 "labels": list(self.spec.labels),
+                # [low, high] every input value must lie in (None: unchecked); a value outside is a 400
+                "input_range": None if self.spec.input.range is None else list(self.spec.input.range),
             },
         }
 

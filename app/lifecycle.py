@@ -28,6 +28,7 @@ from app.fanout import Fanout, Run
 from app.group import Group
 from app.metrics import GatewayMetrics
 from app.responses import response_body
+from app.statistics import Statistics
 from app.updates import Options, Update
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Owned:
     first_ms: float | None = None  # elapsed at the first complete answer
     events: list[str] = field(default_factory=list)
     writer: asyncio.Future[None] | None = None  # the last append to a shared log
+    handed: float = 0.0  # time.perf_counter() when it was handed to the fan-out (app/statistics.py)
 
     def cancel(self, reason: str) -> None:
         if self.run is not None:
@@ -72,9 +74,10 @@ class Lifecycle:
         self.running: set[Owned] = set()
         self.writers: set[asyncio.Future[None]] = set()
         self._outcomes: dict[tuple[str, str], object] = {}
+        self.statistics = Statistics()  # Triton's statistics extension (app/routes/triton.py)
 
     def start(self, log: EventLog, request: Admitted) -> Owned:
-        owned = Owned(log, asyncio.get_running_loop().create_future())
+        owned = Owned(log, asyncio.get_running_loop().create_future(), handed=time.perf_counter())
         self.running.add(owned)
 
         def on_update(update: Update) -> None:
@@ -90,7 +93,7 @@ class Lifecycle:
 
     def _end(self, owned: Owned, request: Admitted, update: Update) -> None:
         self.running.discard(owned)
-        owned.run = None  # it has ended: nothing to cancel, and no cycle to leave to the collector
+        run, owned.run = owned.run, None  # it has ended: nothing to cancel, and no cycle to leave to the collector
         try:
             event = self._append(owned, update, request.request_id)
         finally:
@@ -98,6 +101,7 @@ class Lifecycle:
         if not owned.finished.done():
             owned.finished.set_result(event)
         try:
+            self._count(request, update, owned, run)
             self._record(request, update, owned)
         except Exception:  # metrics must never cost a request its answer
             logger.exception("recording request %s", request.request_id)
@@ -128,6 +132,16 @@ class Lifecycle:
         self.writers.add(writer)
         writer.add_done_callback(self.writers.discard)
         return writer
+
+    def _count(self, request: Admitted, update: Update, owned: Owned, run: Run | None) -> None:
+        """Triton's statistics (app/statistics.py): the stages' stamps; a run that ended before it was
+        returned (no call could go) has none of its own, and is a failure."""
+        if update.event != "final":
+            self.statistics.failed(request.arrival)
+            return
+        dispatched = run.dispatched if run is not None else owned.handed
+        answered = request.arrival + update.elapsed_ms / 1000
+        self.statistics.succeeded(request.arrival, owned.handed, dispatched, answered, len(request.images))
 
     def _record(self, request: Admitted, update: Update, owned: Owned) -> None:
         """Metrics of a finished request: outcome, times, decoded members, approximate finals."""

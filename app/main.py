@@ -28,7 +28,7 @@ from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.redis_store import RedisStore
 from app.replicas import Replicas
-from app.routes import console, health, infer, requests
+from app.routes import console, health, infer, requests, triton
 from app.rpc import start_server
 from app.settings import GatewaySettings
 from app.state import Gateway, assemble
@@ -115,6 +115,7 @@ def _cors(app: FastAPI, origins_text: str) -> None:
 
 def _routes(app: FastAPI) -> None:
     install_handlers(app)
+    app.include_router(triton.router)  # first: its /v2/models/stats is no group's metadata
     app.include_router(health.router)
     app.include_router(requests.router)
     app.include_router(console.router)

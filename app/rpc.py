@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import orjson
+from google.protobuf import json_format
 
 from app.dataplane import Started
 from app.errors import CoinserveError
@@ -25,8 +26,9 @@ from app.eventlog import Event, follow
 from app.lifecycle import CLIENT_GONE
 from app.responses import chosen, parts
 from app.routes.health import server_metadata
+from app.routes.triton import config_of, index_of, load_refusal, statistics_of
 from app.state import Gateway
-from protocol.grpc_service import METHODS, SERVICE, message, set_parameter, to_v2
+from protocol.grpc_service import METHODS, SERVICE, message, set_parameters, to_v2
 from protocol.v2 import InferRequest, datatype_of, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,28 @@ class InferenceService:
             inputs=meta["inputs"],
             outputs=meta["outputs"],
         )
+
+    # Triton's model configuration, statistics and repository extensions (app/routes/triton.py) ---
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not self._is_model(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request.name, request.version))
+        return json_format.ParseDict({"config": config_of(self.gw)}, message("ModelConfigResponse")())
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """An empty name asks for every model's statistics, as in Triton: the one group's."""
+        if (request.name or request.version) and not self._is_model(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request.name, request.version))
+        return json_format.ParseDict(statistics_of(self.gw), message("ModelStatisticsResponse")())
+
+    async def RepositoryIndex(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
+        models = index_of(self.gw, request.ready)
+        return json_format.ParseDict({"models": models}, message("RepositoryIndexResponse")())
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code_of(400), load_refusal(request.model_name, self.gw, "load"))
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code_of(400), load_refusal(request.model_name, self.gw, "unload"))
 
     # inference -----------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -180,8 +204,7 @@ class InferenceService:
         if streamed:
             parameters["event"] = event.name
             parameters["triton_final_response"] = event.name == "final"
-        for key, value in parameters.items():
-            set_parameter(response.parameters[key], value)
+        set_parameters(response.parameters, parameters)  # typed; None (e.g. float32's planes) left out
         return response
 
 

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from models.data import Split
 from models.errors import ImportSpecError
 from models.layers import build_sequential, check_layers, check_state, normalise, output_shape
 from models.sources import DATA_FILE, EXAMPLES_FILE, split_eval
-from protocol.spec import FORMAT, InputSpec, SpecError, group_name, input_spec, labels_and_classes
+from protocol.spec import FORMAT, InputSpec, SpecError, group_name, input_range, input_spec, labels_and_classes
 
 PICKLES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 SAVE_HINT = (
@@ -266,8 +266,10 @@ def import_bundle(
     name: str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
+    valid_range: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Check, fold and write the bundle atomically; → its manifest."""
+    """Check, fold and write the bundle atomically; → its manifest. `valid_range` is the input's
+    [low, high] (`--input-range`; it overrides the spec's): the gateway refuses values outside it."""
     start = time.perf_counter()
     if bool(members) == bool(onnx):
         raise ImportSpecError(
@@ -288,6 +290,11 @@ def import_bundle(
     else:
         loaded = [read_onnx_member(n, Path(p)) for n, p in pairs]
         spec = _onnx_spec(loaded, given)
+    if valid_range is not None:
+        try:
+            spec = replace(spec, input=replace(spec.input, range=input_range(list(valid_range), "--input-range")))
+        except SpecError as exc:
+            raise ImportSpecError(str(exc)) from exc
     calibration = read_inputs(Path(calibration_path), "--calibration", spec.input.shape)
     if len(calibration) < MIN_CALIBRATION:
         raise ImportSpecError(f"--calibration: {len(calibration)} inputs; at least {MIN_CALIBRATION} are needed")

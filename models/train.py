@@ -171,7 +171,8 @@ def _manifest(
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "name": GROUP,
-        "input": {"name": "input", "shape": list(IMAGE_SHAPE), "datatype": "FP32"},
+        # pixels scaled to [0, 1] (models/data.py holds them in [0, 1)); the gateway refuses values outside it
+        "input": {"name": "input", "shape": list(IMAGE_SHAPE), "datatype": "FP32", "range": [0.0, 1.0]},
         "output": {"classes": len(CLASSES), "labels": list(CLASSES)},
         "layers": describe(base),  # type: ignore[arg-type]  # our networks are nn.Sequential
         "examples": {

@@ -28,6 +28,11 @@ METHODS = {
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", False),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse", False),
     "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse", True),
+    "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse", False),
+    "ModelStatistics": ("ModelStatisticsRequest", "ModelStatisticsResponse", False),
+    "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse", False),
+    "RepositoryModelLoad": ("RepositoryModelLoadRequest", "RepositoryModelLoadResponse", False),
+    "RepositoryModelUnload": ("RepositoryModelUnloadRequest", "RepositoryModelUnloadResponse", False),
 }
 
 
@@ -52,8 +57,18 @@ def parameter_value(parameter: Any) -> bool | int | float | str | None:
     return None if which is None else getattr(parameter, which)
 
 
-def set_parameter(parameter: Any, value: bool | int | float | str | None) -> None:
-    """Fill an `InferParameter` from a Python value (None and lists go as their JSON text)."""
+def set_parameters(parameters: Any, values: dict[str, Any]) -> None:
+    """Fill a protobuf parameter map from JSON values, each typed as the protocol allows
+    (`set_parameter`); a None value is left out, as an absent parameter is."""
+    for name, value in values.items():
+        if value is not None:
+            set_parameter(parameters[name], value)
+
+
+def set_parameter(parameter: Any, value: bool | int | float | str | list[Any]) -> None:
+    """Fill an `InferParameter` from a Python value: booleans as `bool_param`, integers as
+    `int64_param`, other numbers as `double_param` (a field KServe's copy of the proto lacks: its
+    client drops them), strings as `string_param`; lists, which no field can hold, as their JSON text."""
     if isinstance(value, bool):
         parameter.bool_param = value
     elif isinstance(value, int):

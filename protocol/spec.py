@@ -34,6 +34,7 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]  # without the batch dimension
     datatype: str = "FP32"
+    range: tuple[float, float] | None = None  # [low, high] every value must lie in; None: unchecked
 
     @property
     def size(self) -> int:
@@ -44,11 +45,16 @@ class InputSpec:
         return _accepted(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "datatype": self.datatype}
+        """As the manifest states it."""
+        spec: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "datatype": self.datatype}
+        if self.range is not None:
+            spec["range"] = list(self.range)
+        return spec
 
     def metadata(self) -> dict[str, Any]:
-        """As OIP model metadata lists it: the batch dimension as -1."""
-        return {**self.to_dict(), "shape": [-1, *self.shape]}
+        """As OIP model metadata lists a tensor (name, datatype, shape): the batch dimension as -1.
+        The range is not a tensor-metadata field; the model's metadata parameters carry it."""
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
 
 
 @functools.cache
@@ -69,12 +75,12 @@ class ModelSpec:
 
 
 def input_spec(value: Any, where: str = "input") -> InputSpec:
-    """An input spec `{"name", "shape", "datatype"}`, checked; raises SpecError naming the field."""
+    """An input spec `{"name", "shape", "datatype", "range"?}`, checked; raises SpecError naming the field."""
     if not isinstance(value, dict):
         raise SpecError(f"{where} must be an object with name, shape and datatype")
-    unknown = sorted(set(value) - {"name", "shape", "datatype"})
+    unknown = sorted(set(value) - {"name", "shape", "datatype", "range"})
     if unknown:
-        raise SpecError(f"{where} has unknown fields {unknown}; expected name, shape, datatype")
+        raise SpecError(f"{where} has unknown fields {unknown}; expected name, shape, datatype, range")
     name = value.get("name")
     if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
         raise SpecError(f"{where}.name must be a short non-empty string, got {name!r}")
@@ -90,7 +96,21 @@ def input_spec(value: Any, where: str = "input") -> InputSpec:
     datatype = value.get("datatype", "FP32")
     if datatype not in DATATYPES:
         raise SpecError(f"{where}.datatype {datatype!r} is not supported; supported: {list(DATATYPES)}")
-    return InputSpec(name, tuple(shape), datatype)
+    return InputSpec(name, tuple(shape), datatype, input_range(value.get("range"), f"{where}.range"))
+
+
+def input_range(value: Any, where: str = "input.range") -> tuple[float, float] | None:
+    """`[low, high]`, two finite numbers with low < high (None: no range); raises SpecError."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        or not value[0] < value[1]
+    ):
+        raise SpecError(f"{where} must be [low, high], two finite numbers with low < high, got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def labels_and_classes(labels: Any, classes: Any, where: str) -> tuple[int, tuple[str, ...]]:

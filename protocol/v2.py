@@ -24,6 +24,10 @@ from protocol.spec import InputSpec
 OUTPUT_NAME = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/vnd.coinserve.v2+binary"
+NON_FINITE = "non-finite numbers (NaN, Infinity) are not allowed"
+# A request's top-level fields: OIP's, plus `model_name`/`model_version`, which KServe's client
+# sends in the body (they must name the model the route does: app/dataplane.py).
+REQUEST_FIELDS = frozenset({"id", "model_name", "model_version", "parameters", "inputs", "outputs"})
 
 
 class ProtocolError(ValueError):
@@ -44,6 +48,8 @@ class InferRequestModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[TensorModel]
     outputs: list[dict[str, Any]] | None = None
@@ -60,7 +66,22 @@ def loads(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+        raise ProtocolError(_not_json(body, exc)) from exc
+
+
+def _not_json(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why a body is not JSON, in the terms of what its sender most likely meant."""
+    at = exc.doc[max(exc.pos - 1, 0) : exc.pos + 8] if isinstance(exc.doc, str) else ""
+    if any(word in at for word in ("NaN", "Infinity")):  # what Python's json.dumps writes for them
+        return f"{NON_FINITE}: JSON has no such numbers (line {exc.lineno}, column {exc.colno})"
+    binary = f"a binary request (a JSON header, then raw tensor bytes) needs the {HEADER_LENGTH} header"
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return f"the body is not UTF-8 JSON; {binary}"
+    if str(exc).startswith("unexpected content after document"):
+        return f"the body is not valid JSON ({exc}); {binary}"
+    return f"body is not valid JSON: {exc}"
 
 
 # Names the protocol or its common extensions define (Triton's docs/protocol/extension_*.md), and
@@ -100,6 +121,8 @@ class InferRequest:
     request_id: str | None
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
+    model_name: str | None = None  # as the body names it (KServe's clients do); None: not named
+    model_version: str | None = None
 
 
 def _tensor_parameters(where: str, parameters: Any, known: tuple[str, ...]) -> dict[str, Any]:
@@ -141,9 +164,33 @@ def _images(tensor: Any, binary: bytes | None, max_batch: int, spec: InputSpec) 
         values = _binary(binary, size, shape, batch * spec.size * 4, "data" in tensor)
     else:
         values = _numbers(tensor.get("data"), batch * spec.size, shape)
-    if not np.isfinite(values).all():
-        raise ProtocolError("inputs[0].data must be finite (no NaN or Infinity)")
+    _check_values(values, spec.range)
     return values.reshape(batch, *spec.shape)
+
+
+def _check_values(values: np.ndarray, valid: tuple[float, float] | None) -> None:
+    """Every value finite and, when the model states a (finite) range, inside it: one check without
+    a range, two reductions without allocation with one (NaN fails both comparisons, an infinity lies
+    outside any finite range); the first offender is looked for only on failure."""
+    if valid is None:
+        if np.isfinite(values).all():
+            return
+    elif valid[0] <= _smallest(values) and _largest(values) <= valid[1]:
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(bad.argmax())
+        raise ProtocolError(f"inputs[0].data: {NON_FINITE}; the first is {values[i]} at index {i}")
+    assert valid is not None
+    low, high = valid
+    i = int(((values < low) | (values > high)).argmax())
+    raise ProtocolError(
+        f"inputs[0].data: values must lie in the model's input range [{low:g}, {high:g}]; "
+        f"the first outside it is {float(values[i]):g} at index {i}"
+    )
+
+
+_smallest, _largest = np.minimum.reduce, np.maximum.reduce
 
 
 def _binary(binary: bytes | None, size: Any, shape: list[int], needed: int, has_data: bool) -> np.ndarray:
@@ -219,7 +266,7 @@ def parse_infer(
     request = loads(body)
     if not isinstance(request, dict):
         raise ProtocolError("the request body must be a JSON object")
-    unknown = set(request) - {"id", "parameters", "inputs", "outputs"}
+    unknown = request.keys() - REQUEST_FIELDS
     if unknown:
         raise ProtocolError(f"unknown request fields: {sorted(unknown)}")
     inputs = request.get("inputs")
@@ -240,9 +287,12 @@ def parse_infer(
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("id must be a string")
+    model_name, model_version = request.get("model_name"), request.get("model_version")
+    if not isinstance(model_name, str | None) or not isinstance(model_version, str | None):
+        raise ProtocolError("model_name and model_version must be strings")
     outputs = _requested(request.get("outputs"), output_names, binary_output)
     own = {k: v for k, v in parameters.items() if k in ours}
-    return InferRequest(images, own, request_id, outputs, binary_output)
+    return InferRequest(images, own, request_id, outputs, binary_output, model_name, model_version or None)
 
 
 def parse_request(

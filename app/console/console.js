@@ -2,8 +2,9 @@
 //   GET /v1/examples       the bundle's example inputs (ready-to-send V2 `inputs`)
 //   GET /v1/status         the cluster, polled every second
 //   POST /v1/requests      then GET /v1/requests/{id}/events: the answer as it refines (SSE)
-// The event stream is read with fetch() rather than EventSource so that a bearer token can be sent;
-// a dropped stream is resumed with Last-Event-ID, as EventSource would.
+// The event stream is followed with an EventSource: on a gateway with a token, the events_url that
+// POST /v1/requests returns carries a ticket for that request, which stands in for the bearer header
+// an EventSource cannot send. A dropped stream is resumed with Last-Event-ID by the browser.
 "use strict";
 
 const TOKEN_KEY = "coinserve-token";
@@ -340,65 +341,29 @@ async function runInputs(inputs, what) {
   }
 }
 
-async function follow(run, url) {
-  // reads the event stream until its terminal event; a dropped connection resumes after the last id
-  let lastId = 0;
-  let terminal = false;
-  for (let attempt = 0; attempt < 5 && !terminal; attempt++) {
-    const headers = { Accept: "text/event-stream" };
-    if (lastId) headers["Last-Event-ID"] = String(lastId);
-    let response;
-    try {
-      response = await api(url, { headers, signal: run.controller.signal });
-    } catch (error) {
-      if (error.name === "AbortError" || error instanceof AuthError || attempt === 4) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 250 * (attempt + 1)));
-      continue; // the gateway did not answer the (re)connection: try again, after the last id seen
+function follow(run, url) {
+  // resolves once the request's terminal event has been shown, the stream failed, or the run was replaced
+  return new Promise((resolve) => {
+    const source = new EventSource(url);
+    const stop = () => {
+      source.close();
+      resolve();
+    };
+    if (run.controller.signal.aborted) return stop();
+    run.controller.signal.addEventListener("abort", stop);
+    for (const name of ["coarse", "refined", "final", "error"]) {
+      source.addEventListener(name, (e) => {
+        if (!(e instanceof MessageEvent)) return; // a connection error, not the request's error event
+        show(run, { id: Number(e.lastEventId), name, data: JSON.parse(e.data) });
+        if (name === "final" || name === "error") stop();
+      });
     }
-    if (response.status === 204) return; // complete: every event was seen
-    if (response.status !== 200) {
-      failed(run, "cannot follow the request (" + response.status + "): " + (await errorText(response)));
-      return;
-    }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      let chunk;
-      try {
-        chunk = await reader.read();
-      } catch (error) {
-        if (error.name === "AbortError") throw error;
-        break; // dropped: resume
-      }
-      if (chunk.done) break;
-      buffer += decoder.decode(chunk.value, { stream: true }).replace(/\r\n/g, "\n");
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = parseBlock(buffer.slice(0, end));
-        buffer = buffer.slice(end + 2);
-        if (!event) continue;
-        lastId = event.id;
-        show(run, event);
-        if (event.name === "final" || event.name === "error") terminal = true;
-      }
-    }
-    if (!terminal) await new Promise((resolve) => setTimeout(resolve, 250 * (attempt + 1)));
-  }
-  if (!terminal) failed(run, "the event stream ended without a final answer");
-}
-
-function parseBlock(block) {
-  const fields = {};
-  for (const line of block.split("\n")) {
-    if (!line || line.startsWith(":")) continue;
-    const colon = line.indexOf(":");
-    const key = colon < 0 ? line : line.slice(0, colon);
-    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-    fields[key] = fields[key] === undefined ? value : fields[key] + "\n" + value;
-  }
-  if (!fields.event) return null;
-  return { id: Number(fields.id), name: fields.event, data: JSON.parse(fields.data) };
+    source.onerror = (e) => {
+      if (e instanceof MessageEvent || source.readyState !== EventSource.CLOSED) return; // reconnecting
+      failed(run, "cannot follow the request: the gateway refused its event stream or ended it without a final answer");
+      stop();
+    };
+  });
 }
 
 function resetAnswer(what) {

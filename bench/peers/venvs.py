@@ -2,12 +2,15 @@
 
     ~/.cache/coinserve/peers/ray      ray[serve], torch, numpy, safetensors
     ~/.cache/coinserve/peers/triton   nvidia-pytriton (it ships the tritonserver binary), torch, ...
+    ~/.cache/coinserve/peers/kserve   kserve's own client library (tests/integration/test_kserve_clients.py)
 
-Both are made with Debian's system `python3.11` (/usr/bin/python3.11): Triton's Python-backend stub
+All are made with Debian's system `python3.11` (/usr/bin/python3.11): Triton's Python-backend stub
 runs only from such a venv (../shared/ENVIRONMENT.md), and Ray and PyTriton need different protobuf
-versions, so they never share one. `COINSERVE_PEERS_CACHE` moves the cache. The project's root goes
-on PYTHONPATH of every peer process (`env_for`), so they import bench/peers/member.py and the
-project's `models` exactly as the workers do.
+versions, so they never share one. kserve is a client, not a peer, but its generated gRPC code
+registers the same message names as Triton's client, so the tests run it in a process of its own.
+`COINSERVE_PEERS_CACHE` moves the cache. The project's root goes on PYTHONPATH of every peer
+process (`env_for`), so they import bench/peers/member.py and the project's `models` exactly as the
+workers do.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ COMMON = ["torch==2.13.0", "numpy>=1.26,<3", "safetensors>=0.4,<1"]
 PACKAGES = {
     "ray": ["ray[serve]==2.60.0", *COMMON],
     "triton": ["nvidia-pytriton==0.7.0", *COMMON],
+    "kserve": ["kserve==0.21.0"],
 }
 
 

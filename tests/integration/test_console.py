@@ -92,7 +92,7 @@ def test_examples_are_the_bundles_own(public: Public, coded_bundle: Path):
     body = examples_json(public)
     stored = load_file(str(coded_bundle / "examples.safetensors"))
     assert len(body["examples"]) == len(stored["inputs"]) == 8
-    assert body["input"] == {"name": "input", "shape": [1, 28, 28], "datatype": "FP32"}
+    assert body["input"] == {"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "range": [0.0, 1.0]}
     assert len(body["labels"]) == 10
     for example, x, label in zip(body["examples"], stored["inputs"], stored["labels"], strict=True):
         (tensor,) = example["inputs"]

@@ -36,6 +36,29 @@ def test_the_served_schema_is_the_fuzzed_one(fuzzed):
     assert httpx.get(f"{fuzzed.url}/openapi.json", timeout=5).json() == openapi_document()
 
 
+def test_the_fuzzed_schema_has_tritons_extensions():
+    """Triton's config, statistics and repository routes (app/routes/triton.py) are fuzzed below."""
+    paths = openapi_document()["paths"]
+    for path in [
+        "/v2/models/stats",
+        "/v2/models/{group}/stats",
+        "/v2/models/{group}/versions/{version}/stats",
+        "/v2/models/{group}/config",
+        "/v2/models/{group}/versions/{version}/config",
+        "/v2/repository/index",
+        "/v2/repository/models/{model}/load",
+        "/v2/repository/models/{model}/unload",
+    ]:
+        assert path in paths, path
+
+
+def test_the_fuzzed_schema_has_the_detached_request_routes():
+    """Issue 28: the poll route and the `ticket` that stands in for the bearer token are fuzzed below."""
+    paths = openapi_document()["paths"]
+    for path in ["/v1/requests/{request_id}", "/v1/requests/{request_id}/events"]:
+        assert "ticket" in [p["name"] for p in paths[path]["get"]["parameters"]], path
+
+
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_from_the_schema_gets_a_5xx(case, fuzzed):

@@ -136,6 +136,25 @@ def test_a_request_whose_gateway_is_killed_ends_with_one_error_on_the_other(slow
     assert follow(pair.b_url, request_id) == events
 
 
+def test_a_ticket_from_one_gateway_follows_and_polls_on_the_other(coded_bundle, redis_server: RedisServer):
+    """Gateways with the same auth token share one Redis: the `events_url` gateway A hands out works,
+    without the token, on gateway B (issue 28: a browser EventSource behind a Service)."""
+    token = "shared-token-3c1d9e"
+    with two_gateways(coded_bundle, redis_server.url, {"COINSERVE_AUTH_TOKEN": token}) as pair:
+        body = request_body(1)
+        created = httpx.post(f"{pair.a}/v1/requests", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert created.status_code == 202, created.text
+        request_id, events_url = created.json()["id"], created.json()["events_url"]
+        assert "?ticket=" in events_url
+        with httpx.stream("GET", pair.b_url + events_url, timeout=30) as r:
+            assert r.status_code == 200, r.read()
+            events = parse_sse(r.read().decode())
+        assert [e["event"] for e in events][-1] == "final" and [e["event"] for e in events].count("final") == 1
+        polled = httpx.get(pair.b_url + created.json()["poll_url"], timeout=10).json()
+        assert polled["state"] == "final" and polled["answer"] == events[-1]["data"]
+        assert httpx.get(f"{pair.b_url}/v1/requests/{request_id}/events", timeout=10).status_code == 401
+
+
 def test_redis_paused_fails_only_detached_requests_and_they_come_back(coded_bundle, redis_server: RedisServer):
     import redis
 

@@ -150,6 +150,28 @@ def test_bad_data_files_are_refused_by_name(user_files, tmp_path, capsys):
     _one_line_error(capsys, [*argv[:-1], str(tmp_path / "labels6.npy")], out, "labels outside 0..4")
 
 
+def test_input_range_is_declared_by_the_flag_or_the_spec(user_files, tmp_path, capsys):
+    """`--input-range LOW HIGH` writes `input.range` (the gateway refuses values outside it); without it
+    the spec's range holds, and without either the input is unchecked."""
+    assert open_bundle(_import(user_files, tmp_path / "none")).spec.input.range is None
+    ranged = _import(user_files, tmp_path / "flag", "--input-range", "-4", "4.5")
+    assert json.loads((ranged / "manifest.json").read_text())["input"]["range"] == [-4.0, 4.5]
+    assert open_bundle(ranged).spec.input.range == (-4.0, 4.5)
+    spec = json.loads(user_files["spec"].read_text())
+    spec["input"]["range"] = [-10, 10]
+    user_files["spec"].write_text(json.dumps(spec))
+    assert open_bundle(_import(user_files, tmp_path / "spec")).spec.input.range == (-10.0, 10.0)
+    out = tmp_path / "bad"
+    _one_line_error(
+        capsys, [*_argv(user_files, out), "--input-range", "1", "0"], out, "--input-range must be [low, high]"
+    )
+
+
+def _import(files: dict[str, Path], out: Path, *flags: str) -> Path:
+    assert main([*_argv(files, out), *flags]) == 0
+    return out
+
+
 def test_an_existing_bundle_is_kept_unless_forced(user_files, tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(_argv(user_files, out)) == 0

@@ -90,3 +90,13 @@ def test_labels_and_classes_must_agree():
         model_spec({**base, "output": {"labels": ["a", "b"], "classes": 3}})
     with pytest.raises(SpecError, match="needs 'labels'"):
         model_spec({**base, "output": {}})
+
+
+def test_an_input_may_declare_its_valid_range():
+    spec = input_spec({"name": "x", "shape": [4], "range": [0, 1]})
+    assert spec.range == (0.0, 1.0) and spec.to_dict()["range"] == [0.0, 1.0]
+    assert spec.metadata() == {"name": "x", "datatype": "FP32", "shape": [-1, 4]}  # OIP tensor metadata has no range
+    assert input_spec({"name": "x", "shape": [4]}).range is None
+    for bad in ([1, 0], [0], [0, float("inf")], ["0", 1], [True, 2], 5):
+        with pytest.raises(SpecError, match=r"input.range must be \[low, high\]"):
+            input_spec({"name": "x", "shape": [4], "range": bad})

@@ -188,3 +188,62 @@ def test_the_classification_extension_names_the_top_classes():
     }
     raw = tensor_bytes(top[:1, :1])
     assert raw == len(b"0.700000:1:y").to_bytes(4, "little") + b"0.700000:1:y"
+
+
+def test_kserve_request_shape_is_parsed():
+    """KServe's client sends `id` and `model_name` (and may send `model_version`) in the body."""
+    body = _json([1, 784], [0.0] * 784, id="k-1", model_name="fashion", model_version="1")
+    parsed = parse_infer(body, None, 64, (), SPEC)
+    assert (parsed.request_id, parsed.model_name, parsed.model_version) == ("k-1", "fashion", "1")
+    bare = parse_infer(_json([1, 784], [0.0] * 784, model_version=""), None, 64, (), SPEC)
+    assert bare.model_name is None and bare.model_version is None
+    with pytest.raises(ProtocolError, match="model_name and model_version must be strings"):
+        parse_infer(_json([1, 784], [0.0] * 784, model_name=3), None, 64, (), SPEC)
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_json_numbers_say_so(literal):
+    body = _json([1, 784], [0.0] * 784).replace(b"0.0,", literal + b",", 1)
+    with pytest.raises(ProtocolError, match=r"^non-finite numbers \(NaN, Infinity\) are not allowed: JSON"):
+        parse_infer(body, None, 64, (), SPEC)
+
+
+def test_non_finite_binary_values_say_so_alike_with_their_index():
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    x.flat[7] = np.nan
+    body, length = encode_binary_request(x, {}, "input")
+    with pytest.raises(
+        ProtocolError, match=r"non-finite numbers \(NaN, Infinity\) are not allowed; the first is nan at index 7"
+    ):
+        parse_infer(body, length, 64, (), SPEC)
+
+
+def test_a_binary_body_without_its_header_length_is_named():
+    body, _ = encode_binary_request(np.full((1, 1, 28, 28), 0.3, np.float32), {}, "input")
+    with pytest.raises(
+        ProtocolError, match="not UTF-8 JSON; a binary request .* needs the Inference-Header-Content-Length"
+    ):
+        parse_infer(body, None, 64, (), SPEC)
+    zeros, _ = encode_binary_request(np.zeros((1, 1, 28, 28), np.float32), {}, "input")  # valid UTF-8 after the JSON
+    with pytest.raises(ProtocolError, match="needs the Inference-Header-Content-Length header"):
+        parse_infer(zeros, None, 64, (), SPEC)
+
+
+RANGED = InputSpec("input", (1, 28, 28), range=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_values_outside_the_declared_range_name_it_and_the_first_offender(binary):
+    x = np.full((2, 1, 28, 28), 0.5, np.float32)
+    x.flat[900], x.flat[1000] = 255.0, -1.0
+    body, length = (
+        encode_binary_request(x, {}, "input") if binary else (_json([2, 1, 28, 28], x.ravel().tolist()), None)
+    )
+    with pytest.raises(ProtocolError, match=r"input range \[0, 1\]; the first outside it is 255 at index 900"):
+        parse_infer(body, length, 64, (), RANGED)
+    x.flat[900], x.flat[1000] = 1.0, 0.0  # the bounds themselves are inside
+    body, length = (
+        encode_binary_request(x, {}, "input") if binary else (_json([2, 1, 28, 28], x.ravel().tolist()), None)
+    )
+    assert parse_infer(body, length, 64, (), RANGED).images.shape == (2, 1, 28, 28)
+    assert parse_infer(_json([1, 784], [-3.0] * 784), None, 64, (), SPEC).images.min() == -3  # no range: unchecked
