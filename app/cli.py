@@ -6,16 +6,95 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 DEFAULT_BUNDLE = Path("bundles/default")
 DEFAULT_CODED_METHOD = "average-distill"  # chosen on validation by eval-coding (docs/results/coding.json)
 BUNDLE_ENV = "COINSERVE_BUNDLE"
 
 
+DESCRIPTION = """\
+Inference serving where a few slow replicas do not decide the tail: coinserve asks k models the
+same question and protects them with a coded model, so that a straggler's answer is decoded from
+the others', and it answers coarse first, then refined, so that no request waits past its
+deadline. It speaks the Open Inference Protocol v2 (HTTP and gRPC).
+
+Start with `coinserve up` (it trains the default bundle on the first run); `coinserve COMMAND
+--help` documents each command. Every setting: docs/configuration.md; when something goes wrong:
+docs/troubleshooting.md."""
+
+
 def default_bundle() -> Path:
     return Path(os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE)
+
+
+def version() -> str:
+    """The installed distribution's version: pyproject.toml's, through the package metadata."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("coinserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless it already names one (or has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default %(default)s)"
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """`coinserve --help`: DESCRIPTION's paragraphs as written."""
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand: `summary` is its line in `coinserve --help`, `description` opens its own --help."""
+    return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if value == "" or value == {}:
+        return "empty"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _setting_flags(p: argparse.ArgumentParser, settings: Any, skip: Collection[str] = ()) -> None:
+    """One flag per field of a pydantic-settings class (uvicorn's habit: a flag and an environment
+    variable feed one object): the help is its description, default and variable. Flags default to
+    None, so that an unset flag leaves the environment's value in force."""
+    prefix = settings.model_config["env_prefix"]
+    for name, field in settings.model_fields.items():
+        if name in skip:
+            continue
+        default = field.get_default(call_default_factory=True)
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        text = (field.description or "").replace("%", "%%")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            choices=choices,
+            metavar=None if choices else name.upper(),
+            help=f"{text} (default {_shown(default)}; env {prefix}{name.upper()})",
+        )
+
+
+def _bundle_flag(p: argparse.ArgumentParser, flag: str = "--bundle", what: str = "the bundle folder") -> None:
+    p.add_argument(
+        flag, type=Path, default=default_bundle(), help=f"{what} (default ${BUNDLE_ENV} or {DEFAULT_BUNDLE})"
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -49,13 +128,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("train", help="train a base model and k members into a bundle")
-    p.add_argument(
-        "--out", type=Path, default=default_bundle(), help=f"bundle folder (default: ${BUNDLE_ENV} or {DEFAULT_BUNDLE})"
+    p = _command(
+        sub,
+        "train",
+        "train a base model and k members into a bundle",
+        "Train a base model on the default dataset, fine-tune k members on shards of it, and write them as "
+        "a bundle (docs/training.md). Coded models are added afterwards by `coinserve code`.",
     )
+    _bundle_flag(p, "--out", "the bundle folder to write")
     p.add_argument("--k", type=int, default=4, help="number of members (default 4)")
-    p.add_argument("--architecture", choices=("cnn", "mlp"), default="cnn")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--architecture", choices=("cnn", "mlp"), default="cnn", help="the network of every model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shards, initialisation and batches")
     p.add_argument(
         "--preset",
         choices=("default", "far", "wide"),
@@ -107,11 +190,12 @@ def _named_file(flag: str, text: str) -> tuple[str, Path]:
 
 
 def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "import",
-        help="make a bundle of your own k models: safetensors state dicts plus a layer spec, or ONNX files",
-        description="Check every member against the architecture, fold batch norms, and write a bundle "
-        "atomically (nothing is left behind on any error). Never unpickles.",
+        "make a bundle of your own k models: safetensors state dicts plus a layer spec, or ONNX files",
+        "Make a bundle of your own k models (docs/import.md): check every member against the architecture, "
+        "fold batch norms, and write the bundle atomically (nothing is left behind on any error). Never unpickles.",
     )
     p.add_argument("--out", type=Path, required=True, help="the bundle folder to create")
     p.add_argument("--spec", type=Path, help="layer spec JSON: input, labels or classes, layers (docs/import.md)")
@@ -192,8 +276,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 def _add_code(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     methods = CODE_METHODS
-    p = sub.add_parser("code", help="add coded models (COIN, another merge, or a baseline) to a bundle")
-    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p = _command(
+        sub,
+        "code",
+        "add coded models (COIN, another merge, or a baseline) to a bundle",
+        "Build the coded model(s) that protect a bundle's members and add them to the bundle (docs/coin.md).",
+    )
+    _bundle_flag(p)
     p.add_argument("--r", type=int, choices=(1, 2), default=1, help="coded models = stragglers tolerated (default 1)")
     p.add_argument(
         "--method",
@@ -246,12 +335,24 @@ def _cmd_eval_coding(args: argparse.Namespace) -> int:
 
 def _add_eval_coding(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     methods = tuple(m for m in CODE_METHODS if m != "coin-norm-distill")
-    p = sub.add_parser("eval-coding", help="evaluate coded models: choose the default on validation, report on test")
-    p.add_argument("--bundle", type=Path, default=default_bundle())
+    p = _command(
+        sub,
+        "eval-coding",
+        "evaluate coded models: choose the default on validation, report on test",
+        "Evaluate every way of building coded models: choose the default method on the validation split "
+        "and report accuracy under stragglers on the test split (docs/coin.md).",
+    )
+    _bundle_flag(p)
     p.add_argument("--json", type=Path, default=None, help='write {"default_method", "rows", "validation_rows", ...}')
-    p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--r", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--methods", nargs="+", choices=(*methods, "coin-norm-distill", "none"), default=[*methods, "none"])
+    p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4], help="numbers of members to evaluate")
+    p.add_argument("--r", type=int, nargs="+", default=[1, 2], help="numbers of coded models (stragglers tolerated)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=(*methods, "coin-norm-distill", "none"),
+        default=[*methods, "none"],
+        help="the methods to compare ('none': no coded model)",
+    )
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test images")
     _add_build_options(p)
     p.set_defaults(func=_cmd_eval_coding)
@@ -292,9 +393,15 @@ def _cmd_eval_refinement(args: argparse.Namespace) -> int:
 
 
 def _add_eval_refinement(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("eval-refinement", help="measure successive refinement on the test split")
-    p.add_argument("--bundle", type=Path, default=default_bundle())
-    p.add_argument("--json", type=Path, default=None)
+    p = _command(
+        sub,
+        "eval-refinement",
+        "measure successive refinement on the test split",
+        "Measure successive refinement on the test split: accuracy and compute time of every resolution "
+        "of a bundle model's bit-planes (docs/refinement.md).",
+    )
+    _bundle_flag(p)
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     p.add_argument("--model", default="member-0", help="which bundle model to refine (default member-0)")
     p.add_argument("--plan", action="append", default=["3,4,5,6,8"], help="extra plans to measure, e.g. 3,4,5,6,8")
     p.add_argument("--repeats", type=int, default=40, help="timed repetitions per resolution (median reported)")
@@ -329,21 +436,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("worker", help="run one replica serving one bundle model (flags or COINSERVE_WORKER_* env)")
-    p.add_argument("--bundle", type=Path)
-    p.add_argument("--model", help="the bundle model to serve, e.g. member-0 or coded-coin-0")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int, help="HTTP port: health, metadata, metrics (default 8101)")
-    p.add_argument(
-        "--channel-port", dest="channel_port", type=int, help="the gateway channel's port (default: --port + 1)"
+    from workers.settings import WorkerSettings
+
+    p = _command(
+        sub,
+        "worker",
+        "run one replica serving one bundle model (flags or COINSERVE_WORKER_* env)",
+        "Run one replica: it serves one bundle model (or several, comma-separated) to gateways over its "
+        "channel, and health, metadata and metrics over HTTP. Every flag is also a COINSERVE_WORKER_* "
+        "variable (docs/configuration.md); the shared secret is set only by variable or file.",
     )
-    p.add_argument("--max-batch", dest="max_batch", type=int)
-    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--log-level", default="warning")
-    p.add_argument(
-        "--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM (30)"
-    )
+    _setting_flags(p, WorkerSettings, skip=("faults", "shared_secret"))
+    p.add_argument("--log-level", default="warning", help="debug, info (start-up facts too), warning or error")
     p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
     p.set_defaults(func=_cmd_worker)
 
@@ -365,7 +469,7 @@ def _ensure_bundle(bundle: Path, coded_method: str | None) -> None:
                 f"no bundle at {bundle}: make one with `coinserve import --out {bundle} ...` (your own models) "
                 f"or `coinserve train --out {bundle}`"
             )
-        print(f"no bundle at {bundle}: training the default one (about 2 minutes on 2 cores)")
+        print(f"no bundle at {bundle}: training the default one (about 80 s on 2 cores)")
         _cmd_train(build_parser().parse_args(["train", "--out", str(bundle)]))
     coded = open_bundle(bundle, verify=False).coded
     method = coded_method or (None if coded else DEFAULT_CODED_METHOD)
@@ -402,11 +506,30 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from models.bundle import open_bundle
 
     _configure_logging("warning")  # the supervisor's one line per death and per restart
+    _check_up_ports(args)  # before anything starts, training included
     _ensure_bundle(args.bundle, args.coded_method)
     group = open_bundle(args.bundle, verify=False).spec.group
     example, what = _example_request(args.bundle)
+    gateway_args = [
+        arg
+        for flag, value in (
+            ("--auth-token-file", args.auth_token_file),
+            ("--cors-origins", args.cors_origins),
+            ("--stream-store", args.stream_store),
+        )
+        if value is not None
+        for arg in (flag, str(value))
+    ]
     with launcher.interruptible():  # SIGTERM while starting: stop what was started, orphan nothing
-        cluster = launcher.start(args.bundle, args.port, args.coded_method, grpc_port=args.grpc_port)
+        cluster = launcher.start(
+            args.bundle,
+            args.port,
+            args.coded_method,
+            gateway_args=gateway_args,
+            grpc_port=args.grpc_port,
+            host=args.host,
+            log_level=args.log_level,
+        )
         try:
             launcher.wait_ready(cluster)
         except (RuntimeError, TimeoutError) as exc:
@@ -417,31 +540,92 @@ def _cmd_up(args: argparse.Namespace) -> int:
             cluster.stop()
             print("coinserve up: stopped before every process was ready", file=sys.stderr)
             return 130
-    base = f"http://127.0.0.1:{args.port}"
     gateway = cluster.children[-1]
+    base = gateway.url
     print(f"\ncoinserve is up: gateway {base} (group {group!r}, pid {gateway.process.pid}), metrics {base}/metrics")
     print(f"  console: open {base}/ in a browser (the bundle's examples, answers as they refine, the replicas)")
     if args.grpc_port:
-        print(f"  gRPC (OIP v2 GRPCInferenceService) on 127.0.0.1:{args.grpc_port}")
+        print(f"  gRPC (OIP v2 GRPCInferenceService) on {args.host}:{args.grpc_port}")
     for child in cluster.children[:-1]:
         print(f"  replica {child.name:14s} {child.url}  channel {child.channel_url}  (pid {child.process.pid})")
     print(f"\ntry it (the bundle's first example input, {what}):")
     json_type = "-H 'Content-Type: application/json'"
+    token_file = args.auth_token_file or os.environ.get("COINSERVE_AUTH_TOKEN_FILE")
+    if token_file or os.environ.get("COINSERVE_AUTH_TOKEN"):
+        token = f"$(cat {token_file})" if token_file else "$COINSERVE_AUTH_TOKEN"
+        json_type += f' -H "Authorization: Bearer {token}"'
+
     print(f"  curl -s {base}/v2/models/{group}/infer {json_type} -d @{example}")
     print(f"  curl -sN {base}/v2/models/{group}/infer -H 'Accept: text/event-stream' {json_type} -d @{example}")
     print("\nA process that dies is restarted on its port; Ctrl-C (or SIGTERM) stops every process.", flush=True)
     return launcher.run_until_signal(cluster)
 
 
+def _check_up_ports(args: argparse.Namespace) -> None:
+    """Every port `up` listens on itself (the workers' are found free when they start)."""
+    from app.ports import Listener, check_free
+
+    check_free(
+        args.host,
+        [
+            Listener(args.port, "HTTP, set with --port or COINSERVE_PORT"),
+            Listener(args.grpc_port, "gRPC, set with --grpc-port or COINSERVE_GRPC_PORT", GRPC_ADVICE),
+        ],
+    )
+
+
+GRPC_ADVICE = "choose another, or 0 to turn gRPC off"
+
+
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("up", help="run the whole service on loopback: k members, coded replica(s), gateway")
-    p.add_argument("--bundle", type=Path, default=default_bundle())
-    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p = _command(
+        sub,
+        "up",
+        "run the whole service on one machine: k members, coded replica(s), gateway",
+        "Run the whole service on this machine: the k member replicas and the coded replica(s) on loopback, "
+        "and the gateway on --host; train the default bundle first if it is missing; restart a process that "
+        "dies; stop everything on Ctrl-C or SIGTERM. Every COINSERVE_* variable in the environment reaches "
+        "the gateway (deadlines, admission limits, health checks...: docs/configuration.md); the flags below "
+        "are the ones people reach for.",
+    )
+    _bundle_flag(p)
+    p.add_argument(
+        "--host",
+        default=os.environ.get("COINSERVE_HOST", "127.0.0.1"),
+        help="the gateway's address, HTTP and gRPC; 0.0.0.0: every interface (default $COINSERVE_HOST or 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("COINSERVE_PORT", "8000")),
+        help="the gateway's HTTP port (default $COINSERVE_PORT or 8000)",
+    )
     p.add_argument(
         "--grpc-port",
         type=int,
         default=int(os.environ.get("COINSERVE_GRPC_PORT", "8001")),
-        help="gateway gRPC port (default 8001, or COINSERVE_GRPC_PORT; 0: off)",
+        help="the gateway's gRPC port; 0: off (default $COINSERVE_GRPC_PORT or 8001)",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="clients must send Authorization: Bearer <the file's content> (default $COINSERVE_AUTH_TOKEN_FILE "
+        "or $COINSERVE_AUTH_TOKEN, else no token)",
+    )
+    p.add_argument(
+        "--cors-origins",
+        help="comma-separated origins whose pages may call the gateway (default $COINSERVE_CORS_ORIGINS, else none)",
+    )
+    p.add_argument(
+        "--stream-store",
+        help="where /v1/requests event logs live: memory or redis://HOST:PORT/DB "
+        "(default $COINSERVE_STREAM_STORE or memory)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="every process's log level; info adds the start-up facts (which kernels serve, the stream store)",
     )
     p.add_argument(
         "--coded-method",
@@ -473,6 +657,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         print(f"coinserve gateway: {problems}", file=sys.stderr)
         return 2
+    _check_gateway_ports(settings)
     _configure_logging(args.log_level)
     drain = threading.Event()
     try:
@@ -484,6 +669,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_gateway_ports(settings: Any) -> None:
+    from app.ports import Listener, check_free
+
+    check_free(
+        settings.host,
+        [
+            Listener(settings.port, "HTTP, set with --port or COINSERVE_PORT"),
+            Listener(settings.grpc_port, "gRPC, set with --grpc-port or COINSERVE_GRPC_PORT", GRPC_ADVICE),
+        ],
+    )
+
+
 def _replica(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name or not url.startswith("tcp://"):
@@ -492,28 +689,22 @@ def _replica(text: str) -> tuple[str, str]:
 
 
 def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("gateway", help="run the gateway (flags or COINSERVE_* env)")
-    p.add_argument("--bundle", type=Path)
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--grpc-port", dest="grpc_port", type=int, help="gRPC port (default 8001; 0: off)")
-    p.add_argument("--group")
-    p.add_argument("--coded-method", dest="coded_method")
+    from app.settings import GatewaySettings
+
+    p = _command(
+        sub,
+        "gateway",
+        "run the gateway (flags or COINSERVE_* env)",
+        "Run the gateway: the V2 HTTP and gRPC endpoints, /v1/requests streams and the console, in front of "
+        "replicas started with `coinserve worker`. Every flag is also a COINSERVE_* variable "
+        "(docs/configuration.md); secrets are set only by variable or file, never on a command line.",
+    )
     p.add_argument(
         "--replica", action="append", help="NAME=tcp://HOST:PORT: a member's or coded replica's channel (repeat)"
     )
-    p.add_argument(
-        "--hedge-replica", dest="hedge_replica", help="tcp://HOST:PORT of a replica hosting every member (hedging)"
-    )
-    p.add_argument("--max-batch", dest="max_batch", type=int)
-    p.add_argument("--graceful-s", dest="graceful_s", type=float, help="longest wait for in-flight work on SIGTERM")
+    _setting_flags(p, GatewaySettings, skip=("replicas", "auth_token", "worker_secret"))
     p.add_argument("--drain-s", type=float, default=0.0, help="keep serving this long with readiness failing first")
-    p.add_argument(
-        "--stream-store",
-        dest="stream_store",
-        help="where /v1/requests event logs live: memory (default) or redis://HOST:PORT/DB, shared by every gateway",
-    )
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="debug, info (start-up facts too), warning or error")
     p.set_defaults(func=_cmd_gateway)
 
 
@@ -526,30 +717,67 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bench", help="run a benchmark: serving, tail, soak or peers (see bench/)")
-    p.add_argument("suite", choices=("serving", "tail", "soak", "peers"))
+    p = _command(
+        sub,
+        "bench",
+        "run a benchmark: serving, tail, soak or peers (see bench/)",
+        "Run a benchmark as its own process; `coinserve bench SUITE --help` lists its flags. serving: overhead, "
+        "throughput and deadlines; tail: tail latency under stragglers; soak: minutes of kills and stragglers; "
+        "peers: against Ray Serve and Triton.",
+    )
+    p.add_argument("suite", choices=("serving", "tail", "soak", "peers"), help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags, e.g. --quick --json PATH")
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_config_doc(args: argparse.Namespace) -> int:
+    from app.configuration_doc import render
+
+    text = render(build_parser())
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != text:
+            print(f"coinserve config-doc: {args.out} is stale: run `coinserve config-doc`", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_config_doc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _command(
+        sub,
+        "config-doc",
+        "write docs/configuration.md from the settings objects",
+        "Write the configuration reference (every setting of the gateway and the workers: its environment "
+        "variable, flag, default and meaning) from the settings classes themselves.",
+    )
+    p.add_argument("--out", type=Path, default=Path("docs/configuration.md"), help="the file to write")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file differs")
+    p.set_defaults(func=_cmd_config_doc)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coinserve", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="coinserve", description=DESCRIPTION, formatter_class=TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)
     return parser
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_up,
+    _add_gateway,
+    _add_worker,
     _add_train,
     _add_import,
     _add_code,
     _add_eval_coding,
     _add_eval_refinement,
-    _add_worker,
-    _add_gateway,
     _add_bench,
-    _add_up,
+    _add_config_doc,
 ]
 
 
@@ -557,10 +785,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
+    from app.ports import PortInUseError
     from models.errors import ModelsError
 
     try:
         code: int = args.func(args)
+    except PortInUseError as exc:
+        print(f"coinserve {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ModelsError as exc:
         print(f"coinserve {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2

@@ -39,6 +39,7 @@ from app.patience import Patience
 from app.replicas import HEDGE, Replicas
 from app.settings import GatewaySettings
 from app.updates import Options, Update
+from protocol.channel import Welcome
 
 logger = logging.getLogger(__name__)
 PROBE_EVERY = 50  # one coded call in this many is not held back: its latency keeps the hold honest
@@ -77,6 +78,14 @@ class Fanout:
         # needs once its hold ends. Starts small: a held call is seldom sent.
         self.coded_latency = LatencyTracker(quantile=0.1, initial_s=CODED_INITIAL_S)
         self._errors: dict[tuple[str, str], Any] = {}
+        replicas.on_welcome = self._welcomed
+
+    def _welcomed(self, name: str, welcome: Welcome) -> None:
+        """A member's worker connected: its first patience comes from what its warm-up measured."""
+        if name in self.group.members and name in welcome.models:
+            index = welcome.models.index(name)
+            if index < len(welcome.warm_ms):
+                self.patience.warmed(name, welcome.warm_ms[index])
 
     def error_counter(self, replica: str, kind: str) -> Any:
         child = self._errors.get((replica, kind))

@@ -46,10 +46,12 @@ class Child:
     env: dict[str, str] | None = None
     log_dir: Path | None = None
     started_s: float = field(default_factory=time.monotonic)
+    host: str = "127.0.0.1"  # where this machine reaches it (the gateway may listen elsewhere: `up --host`)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def channel_url(self) -> str:
@@ -97,7 +99,9 @@ def respawn(child: Child) -> Child:
     """The same command line, environment, port and log as `child`, as a new process."""
     if child.args is None or child.env is None:
         raise ValueError(f"{child.name} was not started by spawn(): its command line is unknown")
-    return spawn(child.name, child.port, child.args, child.env, child.log_dir)
+    new = spawn(child.name, child.port, child.args, child.env, child.log_dir)
+    new.host = child.host
+    return new
 
 
 def start(
@@ -110,22 +114,27 @@ def start(
     worker_env: dict[str, dict[str, str]] | None = None,
     log_dir: Path | None = None,
     grpc_port: int = 0,
+    host: str = "127.0.0.1",
+    log_level: str | None = None,
 ) -> Cluster:
     """Start every process; returns without waiting for readiness (see `wait_ready`). The gateway's
     gRPC endpoint is off (`grpc_port` 0) unless a port is given: two clusters (tests, benchmarks)
-    must never both reach for the default 8001; `coinserve up` passes its `--grpc-port`."""
+    must never both reach for the default 8001; `coinserve up` passes its `--grpc-port`. The
+    gateway listens on `host` (HTTP and gRPC), the workers on loopback, on ports found free.
+    `log_level` (e.g. info: start-up facts too) goes to every child."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     names = [m["name"] for m in manifest["members"]]
     coded_method = served_coded_method(manifest, coded_method)
     names += [c["name"] for c in manifest.get("coded", []) if c.get("method") == coded_method]
     env = {**os.environ, **(env or {})}
+    levels = ["--log-level", log_level] if log_level else []
     cluster = Cluster()
     try:
         for name in names:
             p, channel = free_port(), free_port()
             extra = (worker_args or {}).get(name, [])
             args = ["worker", "--bundle", str(bundle), "--model", name, "--port", str(p)]
-            args += ["--channel-port", str(channel), *extra]
+            args += ["--channel-port", str(channel), *levels, *extra]
             cluster.children.append(spawn(name, p, args, {**env, **(worker_env or {}).get(name, {})}, log_dir))
         replicas = [arg for c in cluster.children for arg in ("--replica", f"{c.name}={c.channel_url}")]
         gateway = [
@@ -138,14 +147,24 @@ def start(
             coded_method,
             "--grpc-port",
             str(grpc_port),
+            *(["--host", host] if host != "127.0.0.1" else []),
+            *levels,
             *replicas,
             *(gateway_args or []),
         ]
-        cluster.children.append(spawn("gateway", port, gateway, env, log_dir))
+        child = spawn("gateway", port, gateway, env, log_dir)
+        if host != "127.0.0.1":
+            child.host = reachable(host)
+        cluster.children.append(child)
     except BaseException:
         cluster.stop()
         raise
     return cluster
+
+
+def reachable(host: str) -> str:
+    """The address this machine dials to reach a server listening on `host` (a wildcard: loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
 
 
 def add_gateway(cluster: Cluster, port: int, name: str = "gateway-b", env: dict[str, str] | None = None) -> Child:

@@ -28,7 +28,7 @@ from app.memory import trim_periodically
 from app.metrics import GatewayMetrics
 from app.redis_store import RedisStore
 from app.replicas import Replicas
-from app.routes import console, health, infer, requests, triton
+from app.routes import console, docs, health, infer, requests, triton
 from app.rpc import start_server
 from app.settings import GatewaySettings
 from app.state import Gateway, assemble
@@ -75,7 +75,8 @@ def create_app(settings: GatewaySettings, drain: threading.Event | None = None) 
             if isinstance(store, RedisStore):
                 await store.close()
 
-    app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc: our own page (app/routes/docs.py), not FastAPI's, whose scripts come from a CDN
+    app = FastAPI(title="coinserve gateway", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     _routes(app)
     app.add_middleware(AccessLogMiddleware, max_body_bytes=settings.max_body_bytes)
     _cors(app, settings.cors_origins)
@@ -119,6 +120,7 @@ def _routes(app: FastAPI) -> None:
     app.include_router(health.router)
     app.include_router(requests.router)
     app.include_router(console.router)
+    app.include_router(docs.router)
 
 
 _SCHEMA: dict[str, Any] = {}

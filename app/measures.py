@@ -156,12 +156,17 @@ class Activity:
         (how many, and the longest any of them had run: a lower bound of a straggler's latency,
         which the answered calls' percentiles cannot show)."""
         since = now - WINDOW_S
-        seconds = [s for t, s in self.calls.get(replica, ()) if t >= since]
-        cut = [s for t, s in self.cuts.get(replica, ()) if t >= since]
+        kept_calls, kept_cuts = self.calls.get(replica, deque()), self.cuts.get(replica, deque())
+        seconds = [s for t, s in kept_calls if t >= since]
+        cut = [s for t, s in kept_cuts if t >= since]
+        calls, calls_exact = _count(len(seconds), kept_calls, now)
+        cuts, cuts_exact = _count(len(cut), kept_cuts, now)
         out: dict[str, Any] = {
-            "calls": len(seconds),
+            "calls": calls,
+            "calls_exact": calls_exact,
             "errors": sum(t >= since for t in self.errors.get(replica, ())),
-            "cut": len(cut),
+            "cut": cuts,
+            "cut_exact": cuts_exact,
             "cut_max_ms": round(max(cut) * 1000, 2) if cut else None,
             "p50_ms": None,
             "p99_ms": None,
@@ -170,3 +175,11 @@ class Activity:
             p50, p99 = np.percentile(seconds, [50, 99]) * 1000
             out["p50_ms"], out["p99_ms"] = round(p50, 2), round(p99, 2)
         return out
+
+
+def _count(in_window: int, kept: deque[tuple[float, float]], now: float) -> tuple[int, bool]:
+    """How many of a replica's calls ended in the last WINDOW_S, and whether that is exact: when the
+    last KEPT calls all ended within it, more did, and the count is estimated from their rate."""
+    if len(kept) < KEPT or kept[0][0] < now - WINDOW_S:
+        return in_window, True
+    return round(in_window * WINDOW_S / max(now - kept[0][0], 1e-3)), False

@@ -22,6 +22,15 @@ from collections.abc import Callable
 
 from app.hedging import LatencyTracker
 
+# A member's first patience is this many times the batch-1 compute its worker measured while warming
+# up, when that is more than the initial patience (`patience_initial_ms`). Measured on 2 shared cores
+# (default bundle, five workers and a gateway): a warm batch-1 step takes 0.3-0.7 ms in the worker's
+# compute thread, about twice its fastest time once other steps share the cores, and the k + 1 calls
+# of one request compute at once on 2 cores (another 2.5 times): 10 covers both. With a fast model the
+# initial patience stays (it also covers the channel and event loops, 5-10 ms here); a slow one (40 ms
+# a step) is no longer decoded on every call until its first 50 calls are timed.
+WARM_FACTOR = 10.0
+
 
 def _key(member: str, refine: bool) -> str:
     return f"{member} (refine)" if refine else member
@@ -34,10 +43,28 @@ class Patience:
         self.tracker = LatencyTracker(quantile=quantile, initial_s=initial_s)
         self.margin_s = margin_s
         self.on_change = on_change
+        self.first: dict[str, float] = {}  # key → its patience before it has history, from its warm-up
 
     def budget_s(self, member: str, refine: bool = False) -> float:
         """How long a call to `member` may run before its member counts as late."""
-        return self.tracker.hedge_delay_s(_key(member, refine)) + self.margin_s
+        key = _key(member, refine)
+        delay = self.tracker.delays.get(key)
+        if delay is None:
+            delay = self.first.get(key, self.tracker.initial_s)
+        return delay + self.margin_s
+
+    def warmed(self, member: str, warm_ms: list[float]) -> None:
+        """What a member's worker measured in its warm-up (the fastest batch-1 ms of each resolution):
+        its patience until its own calls have been measured is WARM_FACTOR times that (the final
+        resolution for a plain call, every resolution for a refining one), never less than the
+        initial patience."""
+        if not warm_ms:
+            return
+        initial = self.tracker.initial_s
+        self.first[member] = max(initial, WARM_FACTOR * warm_ms[-1] / 1000)
+        self.first[_key(member, True)] = max(initial, WARM_FACTOR * sum(warm_ms) / 1000)
+        if self.on_change is not None and member not in self.tracker.delays:
+            self.on_change(member, self.first[member] + self.margin_s)
 
     def record(self, member: str, seconds: float, refine: bool = False) -> None:
         key = _key(member, refine)

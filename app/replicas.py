@@ -135,6 +135,8 @@ class Endpoint:
             channel.on_lost = self._lost
             channel.on_health = lambda _channel: self.replica.changed()
             self.mismatch, self.reason, self.up_since = None, "", time.monotonic()
+            if channel.welcome is not None:
+                owner.on_welcome(self.replica.name, channel.welcome)
             self.replica.changed()
             self._schedule(self._ping, owner.settings.health_interval_s)
         finally:
@@ -342,6 +344,8 @@ class Replicas:
         self._skipped = set(self.group.urls)  # until connected (kept up to date by `changed`)
         # Connected, but every connected worker has missed its pings (a paused process).
         self.unresponsive: set[str] = set()
+        # Told each accepted `Welcome` (its warm-up measurements seed the fan-out's patience).
+        self.on_welcome: Callable[[str, Welcome], None] = lambda name, welcome: None
 
     def changed(self) -> None:
         """A replica's state changed: what every request reads is computed here, not per request."""

@@ -14,14 +14,16 @@ from protocol.secrets import resolve_secret
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COINSERVE_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="the address HTTP and gRPC listen on; 0.0.0.0: every interface")
+    port: int = Field(8000, ge=0, le=65535, description="the HTTP port: V2 API, /v1/requests, console, metrics")
     group: str | None = Field(
         None, description="the model group's name in /v2/models/{group} (default: the bundle manifest's name)"
     )
     bundle: Path = Field(Path("bundles/default"), description="bundle whose manifest names members and codes")
     replicas: dict[str, str] = Field(
-        default_factory=dict, description="model name → tcp://HOST:PORT, its replica's channel address"
+        default_factory=dict,
+        description="model name → tcp://HOST:PORT, its replica's channel address (the variable: a JSON "
+        "object; the flag: --replica NAME=tcp://HOST:PORT, repeated)",
     )
     coded_method: str | None = Field(
         None,
@@ -41,7 +43,12 @@ class GatewaySettings(BaseSettings):
         "validation: docs/serving.md)",
     )
     patience_margin_ms: float = Field(5.0, ge=0, description="added to that quantile")
-    patience_initial_ms: float = Field(50.0, gt=0, description="the patience before a replica has any history")
+    patience_initial_ms: float = Field(
+        50.0,
+        gt=0,
+        description="the patience before a replica has any history, or 10 times the batch-1 step its "
+        "worker measured while warming up when that is longer",
+    )
     hedge_replica: str | None = Field(
         None, description="tcp://HOST:PORT of a replica hosting every member: enables hedged requests"
     )

@@ -466,8 +466,14 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
+# the opening of `coinserve bench serving --help`: one full sentence
+DESCRIPTION = (
+    "Measure the serving path: gateway overhead, throughput, and the deadline kept under a paused member (issue 5)."
+)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="one short trial of each (a smoke test)")

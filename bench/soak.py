@@ -444,8 +444,15 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
     (out / "soak.md").write_text("\n".join(lines))
 
 
+# the opening of `coinserve bench soak --help`: one full sentence
+DESCRIPTION = (
+    "Soak the whole service for minutes at a fraction of its capacity, with stragglers on every replica "
+    "but one and that one killed and restarted again and again (issue 8)."
+)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
     parser.add_argument("--duration-s", type=float, default=600.0)
     parser.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity")

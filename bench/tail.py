@@ -395,8 +395,15 @@ def summary_line(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# the opening of `coinserve bench tail --help`: one full sentence
+DESCRIPTION = (
+    "Measure tail latency under real stragglers (SIGSTOP/SIGCONT): coded serving against waiting for "
+    "every member and against hedging, on the same replica processes (issues 6 and 13)."
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/tail.json (OUT/tail_validation.json)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for tail.md and the plots")

@@ -229,21 +229,35 @@ class IntResolution:
         return out
 
     def _forward_group(self, x: torch.Tensor, p0: int) -> torch.Tensor:
+        return self.run(self.quantize_input(x, p0), p0)
+
+    def quantize_input(self, x: torch.Tensor, p0: int) -> torch.Tensor:
+        """Rows sharing input exponent p0 as the first layer's quint8 input (depends on planes only)."""
+        self._pack(p0 - self.planes)  # first: PyTorch's once-per-process deprecation warning is silenced there
+        scale = 2.0 ** (p0 - self.planes)
+        q = x.mul(1.0 / scale).trunc_().add_(INPUT_ZERO_POINT).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(q, scale, INPUT_ZERO_POINT)
+
+    def run(self, h: torch.Tensor, p0: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Hidden layers start..stop-1 on `h` (the input of layer `start`); with `stop` None, on to the
+        logits. The input of layer l depends on the grid's first l exponents only: the grid search
+        (models/selection.py) keeps it and runs only the layers a trial exponent changes."""
         if torch.backends.quantized.engine != self.engine:
             torch.backends.quantized.engine = self.engine
         packed, scales = self._pack(p0 - self.planes)
-        scale = 2.0 ** (p0 - self.planes)
-        q = x.mul(1.0 / scale).trunc_().add_(INPUT_ZERO_POINT).to(torch.uint8)
-        h = torch._make_per_tensor_quantized_tensor(q, scale, INPUT_ZERO_POINT)
-        for layer, pack, g in zip(self.layers[:-1], packed, self.grid, strict=True):
+        hidden = len(self.layers) - 1
+        for i in range(start, hidden if stop is None else stop):
+            layer, g = self.layers[i], self.grid[i]
             if layer.flatten_before:
                 h = h.reshape(len(h), -1)
             if layer.kind == "conv":
-                h = torch.ops.quantized.conv2d_relu(h, pack, 2.0**g, 0)
+                h = torch.ops.quantized.conv2d_relu(h, packed[i], 2.0**g, 0)
             else:
-                h = torch.ops.quantized.linear_relu(h, pack, 2.0**g, 0)
+                h = torch.ops.quantized.linear_relu(h, packed[i], 2.0**g, 0)
             if layer.pool_after:
                 h = _pool(h, 2.0**g)
+        if stop is not None:
+            return h
         last = self.layers[-1]
         if last.flatten_before:
             h = h.reshape(len(h), -1)

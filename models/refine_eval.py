@@ -48,11 +48,16 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def _accuracies(engine: RefinementEngine, images: torch.Tensor, labels: np.ndarray) -> tuple[list[float], list[float]]:
-    preds = [
-        torch.cat([engine.forward(images[i : i + 1000], r).argmax(1) for i in range(0, len(images), 1000)]).numpy()
-        for r in range(engine.plan.resolutions)
-    ]
+def _accuracies(
+    engine: RefinementEngine, images: torch.Tensor, labels: np.ndarray, tick: Callable[[], object] | None = None
+) -> tuple[list[float], list[float]]:
+    preds = []
+    for r in range(engine.plan.resolutions):
+        preds.append(
+            torch.cat([engine.forward(images[i : i + 1000], r).argmax(1) for i in range(0, len(images), 1000)]).numpy()
+        )
+        if tick is not None:
+            tick()
     full = preds[-1]
     return [float(np.mean(p == labels)) for p in preds], [float(np.mean(p == full)) for p in preds]
 
@@ -190,13 +195,18 @@ def adaptive_rows(
 
 
 def ladder_accuracy(
-    model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, max_planes: int = 8
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    max_planes: int = 8,
+    tick: Callable[[], object] | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy at 1..max_planes planes, per-tensor against per-output-channel exponents."""
+    """Accuracy at 1..max_planes planes, per-tensor against per-output-channel exponents (`tick`:
+    called after each resolution's pass, for progress)."""
     out = []
     for per_channel in (False, True):
         engine = RefinementEngine(model, RefinementPlan(tuple(range(1, max_planes + 1)), per_channel=per_channel))
-        accuracy, _ = _accuracies(engine, images, labels)
+        accuracy, _ = _accuracies(engine, images, labels, tick)
         out.append(
             {
                 "exponents": "per-channel" if per_channel else "per-tensor",

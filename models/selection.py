@@ -14,6 +14,7 @@ raising.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from models import int8
-from models.bitplanes import RefinementPlan
+from models.bitplanes import RefinementPlan, row_exponent
 from models.bundle import Bundle
 from models.coded import Ingredients
 from models.coding_eval import evaluate_coding, summary
@@ -31,6 +33,7 @@ from models.data import Split, dirichlet_shards
 from models.evaluate import accuracy
 from models.fitting import TrainingConfig, finetune_member
 from models.networks import predict_proba
+from models.refine import RefinementEngine
 from models.refine_eval import ladder_accuracy
 
 BASELINES = ("none",)  # a row kind, not a coded model one could serve
@@ -143,20 +146,31 @@ def choose_plan(
 
     When the model has an integer program (models/int8.py): the fewest planes (1..6) whose int8
     resolution, with its activation grid chosen on validation (`choose_grid`), is within `tolerance`
-    of float32. Otherwise, or when none is: the fewest planes within `tolerance` by float32
-    truncation, with the exponent layout (per channel or per tensor) that is more accurate there.
+    of float32 (plane counts are tried in increasing order: the search stops at that one). Otherwise,
+    or when none is: the fewest planes within `tolerance` by float32 truncation, with the exponent
+    layout (per channel or per tensor) that is more accurate there; those two ladder rows are
+    measured only then, as they cannot change an integer choice.
     """
     images = torch.from_numpy(validation.images)
-    ladder = ladder_accuracy(model, images, validation.labels)
-    full = ladder[0]["float32"]
-    if int8.unsupported(model, 1) is None and int8.available_engines():
-        rows = integer_ladder(model, images, validation.labels)
-        ladder.append({"exponents": "per-channel, int8", **{str(r["planes"]): r["accuracy"] for r in rows},
-                       "grids": {str(r["planes"]): r["grid"] for r in rows}, "float32": full})  # fmt: skip
-        close = [r for r in rows if r["accuracy"] >= full - tolerance]
-        if close:
-            chosen = min(close, key=lambda r: r["planes"])
-            return RefinementPlan(planes=(chosen["planes"],), per_channel=True, grid=tuple(chosen["grid"])), ladder
+    integer = int8.unsupported(model, 1) is None and bool(int8.available_engines())
+    trials = (1 + (len(GRID_SPAN) - 1) * int8.hidden_layers(model)) * (int8.MAX_PLANES - 1) if integer else 0
+    # the bar counts passes over the validation images: per plane count 1 + 10 per hidden layer (an
+    # upper bound: the search stops at the first close plane count), then the truncation ladder if needed
+    ladder: list[dict[str, Any]] = []
+    with progress(total=1 + trials if integer else 0, desc="plan", unit="pass") as bar:
+        if integer:
+            full = float32_accuracy(model, images, validation.labels)
+            bar.update()
+            rows = integer_ladder(model, images, validation.labels, enough=full - tolerance, tick=bar.update)
+            ladder.append({"exponents": "per-channel, int8", **{str(r["planes"]): r["accuracy"] for r in rows},
+                           "grids": {str(r["planes"]): r["grid"] for r in rows}, "float32": full})  # fmt: skip
+            close = [r for r in rows if r["accuracy"] >= full - tolerance]
+            if close:  # the float32-truncation rows would not change the choice: not measured
+                chosen = min(close, key=lambda r: r["planes"])
+                return RefinementPlan(planes=(chosen["planes"],), per_channel=True, grid=tuple(chosen["grid"])), ladder
+        bar.total = bar.n + 2 * (LADDER_PLANES + 1)
+        bar.refresh()
+        ladder[:0] = ladder_accuracy(model, images, validation.labels, max_planes=LADDER_PLANES, tick=bar.update)
     best: tuple[int, float, bool] | None = None
     for row in ladder[:2]:
         per_channel = row["exponents"] == "per-channel"
@@ -171,43 +185,120 @@ def choose_plan(
     return RefinementPlan(planes=(first,), per_channel=not per_tensor), ladder
 
 
+LADDER_PLANES = 8  # the float32-truncation ladder's plane counts, 1..8
+
+
+def progress(total: int, desc: str, unit: str = "it") -> tqdm:
+    """A progress bar on stderr, quiet when stderr is not a terminal."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+def float32_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray) -> float:
+    """Validation accuracy of the float32 model, as `ladder_accuracy` reports it (the same passes)."""
+    engine = RefinementEngine(model, RefinementPlan((1,)))
+    full = engine.plan.resolutions - 1
+    preds = torch.cat([engine.forward(images[i : i + 1000], full).argmax(1) for i in range(0, len(images), 1000)])
+    return round(float(np.mean(preds.numpy() == labels)), 4)
+
+
 GRID_START = -4  # the paper's activation grid on MNIST, 2⁻⁴: where the greedy search starts
 GRID_SPAN = range(-8, 3)  # exponents tried for each hidden layer
 
 
-def _int_accuracy(
-    model: nn.Module, planes: int, grid: Sequence[int], images: torch.Tensor, labels: np.ndarray
-) -> float:
-    res = int8.IntResolution(model, planes, grid, int8.available_engines()[0])
-    predictions = torch.cat([res.forward(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
-    return float((predictions.numpy() == labels).mean())
+class _Trials:
+    """Validation accuracy of int8 resolutions at one plane count, sharing work between the grid
+    search's trials: the input is quantised once, and a trial that changes layer l's exponent reuses
+    the activations entering layer l (they depend on the exponents before it only) and runs layers
+    l.. alone. Bit-identical to a fresh `IntResolution.forward` per trial (exact integer arithmetic),
+    so the search chooses what evaluating every trial from scratch chooses (tests/models/test_selection.py).
+    """
+
+    def __init__(
+        self, model: nn.Module, planes: int, images: torch.Tensor, labels: np.ndarray, tick: Callable[[], object]
+    ) -> None:
+        self.model, self.planes, self.tick = model, planes, tick
+        self.engine = int8.available_engines()[0]
+        self.labels = [torch.from_numpy(labels[i : i + 1000]) for i in range(0, len(images), 1000)]
+        self.total = len(images)
+        start = int8.IntResolution(model, planes, [GRID_START] * int8.hidden_layers(model), self.engine)
+        self.inputs: list[list[tuple[torch.Tensor, torch.Tensor, int]]] = []  # per chunk: (rows, h, p0) groups
+        for i in range(0, len(images), 1000):
+            x = images[i : i + 1000]
+            p0 = row_exponent(x).flatten().to(torch.int64)  # IntResolution.forward's grouping
+            groups = []
+            for value in p0.unique().tolist():
+                rows = (p0 == value).nonzero().flatten()
+                groups.append((rows, start.quantize_input(x[rows].contiguous(), int(value)), int(value)))
+            self.inputs.append(groups)
+        self.layer = 0  # self.inputs hold the activations entering this layer
+
+    def resolution(self, grid: Sequence[int]) -> int8.IntResolution:
+        return int8.IntResolution(self.model, self.planes, grid, self.engine)
+
+    def advance(self, grid: Sequence[int]) -> None:
+        """Run the held activations through layer `self.layer` under `grid` (its exponents up to it final)."""
+        res = self.resolution(grid)
+        self.inputs = [
+            [(rows, res.run(h, p0, self.layer, self.layer + 1), p0) for rows, h, p0 in c] for c in self.inputs
+        ]
+        self.layer += 1
+
+    def accuracy(self, grid: Sequence[int]) -> float:
+        """Accuracy of `grid`, which may differ from the held activations' grid at layer `self.layer` on."""
+        res = self.resolution(grid)
+        right = 0
+        for groups, labels in zip(self.inputs, self.labels, strict=True):
+            for rows, h, p0 in groups:
+                right += int((res.run(h, p0, self.layer).argmax(1) == labels[rows]).sum())
+        self.tick()
+        return right / self.total
+
+
+def _no_tick() -> None:
+    return None
 
 
 def choose_grid(
-    model: nn.Module, planes: int, images: torch.Tensor, labels: np.ndarray
+    model: nn.Module,
+    planes: int,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    tick: Callable[[], object] = _no_tick,
 ) -> tuple[tuple[int, ...], float]:
     """The activation grid of an int8 resolution, on validation: layer by layer (input side first),
     the exponent in GRID_SPAN with the best accuracy given the layers before it, starting from 2⁻⁴
-    everywhere; ties go to the finer grid. Returns (grid, its validation accuracy)."""
+    everywhere; ties go to the finer grid. Returns (grid, its validation accuracy). `tick` is called
+    after each of the 1 + 10 · hidden layers accuracies measured (progress)."""
+    trials = _Trials(model, planes, images, labels, tick)
     grid = [GRID_START] * int8.hidden_layers(model)
-    best = _int_accuracy(model, planes, grid, images, labels)
+    best = trials.accuracy(grid)
     for layer in range(len(grid)):
+        if layer:
+            trials.advance(grid)  # layers before `layer` are final now
         for g in GRID_SPAN:
             if g == grid[layer]:
                 continue
             trial = [*grid[:layer], g, *grid[layer + 1 :]]
-            acc = _int_accuracy(model, planes, trial, images, labels)
+            acc = trials.accuracy(trial)
             if acc > best or (acc == best and g < grid[layer]):
                 grid, best = trial, acc
     return tuple(grid), best
 
 
 def integer_ladder(
-    model: nn.Module, images: torch.Tensor, labels: np.ndarray, planes: Sequence[int] = range(2, int8.MAX_PLANES + 1)
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    planes: Sequence[int] = range(2, int8.MAX_PLANES + 1),
+    enough: float | None = None,
+    tick: Callable[[], object] = _no_tick,
 ) -> list[dict[str, Any]]:
-    """Validation accuracy of the int8 resolution at each plane count, each with its chosen grid."""
-    rows = []
+    """Validation accuracy of the int8 resolution at each plane count, each with its chosen grid;
+    with `enough`, stops after the first plane count whose (rounded) accuracy reaches it."""
+    rows: list[dict[str, Any]] = []
     for p in planes:
-        grid, acc = choose_grid(model, p, images, labels)
+        grid, acc = choose_grid(model, p, images, labels, tick)
         rows.append({"planes": p, "grid": list(grid), "accuracy": round(acc, 4)})
+        if enough is not None and round(acc, 4) >= enough:
+            break
     return rows

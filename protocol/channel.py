@@ -78,6 +78,9 @@ class Welcome(msgspec.Struct, array_like=True, tag=11):
     input_size: int  # values per row of a submit
     classes: int  # values per row of a result
     max_rows: int  # the most rows one submit may carry
+    # Its warm-up before it said ready, per model in `models` order: the fastest batch-1 ms of each
+    # resolution (the gateway's first patience for it). Last and defaulted: an older peer omits it.
+    warm_ms: list[list[float]] = msgspec.field(default_factory=list)
 
 
 class Refuse(msgspec.Struct, array_like=True, tag=12):

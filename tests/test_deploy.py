@@ -4,6 +4,7 @@ kustomize, validate it against the Kubernetes schemas, and hold every workload t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -235,3 +236,71 @@ def test_gateway_serves_grpc_on_8001_in_the_pod_the_service_and_the_image(render
     assert {"port": "grpc"} in policies[0]["spec"]["ingress"][0]["ports"]
     expose = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("EXPOSE"))
     assert "8001" in expose.split()
+
+
+@needs_kubectl
+def test_the_kubernetes_guide_names_what_the_manifests_make():
+    """Issue 29: docs/kubernetes.md's names are the manifests' own. Its `create secret` commands
+    create exactly the secrets and keys the pods read; every object, port, namespace and setting
+    it names, and every `kubectl` command's target, exists in the rendered overlays."""
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    prose = re.sub(r"```.*?```", "", guide, flags=re.S)  # inline `names` outside code blocks
+    named = set(re.findall(r"`([^`\n]+)`", prose))
+    docs = {overlay: render(overlay) for overlay in OVERLAYS}
+    every = [d for overlay_docs in docs.values() for d in overlay_docs]
+    names = {(d["kind"], d["metadata"]["name"]) for d in every}
+    names |= {("ConfigMap", d["metadata"]["name"].rsplit("-", 1)[0]) for d in of_kind(every, "ConfigMap")}
+    containers = [
+        c
+        for d in of_kind(every, "Deployment") + of_kind(every, "StatefulSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+    read = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for c in containers
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    created = set(re.findall(r"create secret generic (\S+) --from-literal=(\w+)=", guide))
+    assert created == read
+    assert {name for name, _ in read} <= named  # and the table of secrets names each
+
+    kinds = {"HPA": "HorizontalPodAutoscaler", "PDB": "PodDisruptionBudget"}
+    pattern = (
+        r"(Deployment|Service|HorizontalPodAutoscaler|HPA|PodDisruptionBudget|PDB|StatefulSet|ConfigMap) `([a-z0-9-]+)`"
+    )
+    mentioned = {(kinds.get(kind, kind), name) for kind, name in re.findall(pattern, prose)}
+    assert len(mentioned) >= 7 and mentioned <= names, mentioned - names
+    for name in named:
+        if re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)+", name) and name not in {s for s, _ in read}:
+            assert name in {n for _, n in names}, name  # a Deployment, Service, NetworkPolicy, namespace ...
+    commands = {"deploy": "Deployment", "svc": "Service", "statefulset": "StatefulSet"}
+    targets = re.findall(r"\b(deploy|svc|statefulset)/([a-z0-9-]+)((?: \d+:\d+)*)", guide)
+    assert {"deploy", "svc", "statefulset"} <= {kind for kind, _, _ in targets}
+    for kind, name, forwards in targets:
+        assert (commands[kind], name) in names, f"{kind}/{name}"
+        if kind == "svc":  # port-forward LOCAL:REMOTE: REMOTE is a port of the Service
+            service = next(s for s in of_kind(every, "Service") if s["metadata"]["name"] == name)
+            ports = {p["port"] for p in service["spec"]["ports"]}
+            assert {int(f.split(":")[1]) for f in forwards.split()} <= ports
+    [waited] = re.findall(r"for d in ([^;]+); do", guide)  # step 4 waits for every Deployment
+    assert sorted(waited.split()) == sorted(d["metadata"]["name"] for d in of_kind(docs["prod"], "Deployment"))
+    namespaces = {
+        overlay: of_kind(overlay_docs, "Namespace")[0]["metadata"]["name"] for overlay, overlay_docs in docs.items()
+    }
+    assert set(re.findall(r"-n ([a-z0-9-]+)", guide)) == {namespaces["prod"], namespaces["dev"]}
+    assert f"`{namespaces['dev']}`" in prose and f"`{namespaces['prod']}`" in prose
+
+    ports = {p["port"] for s in of_kind(every, "Service") for p in s["spec"]["ports"]}
+    ports |= {p["containerPort"] for c in containers for p in c["ports"]}
+    assert set(map(int, re.findall(r"port `(\d+)`", prose))) <= ports
+    settings = {k: v for c in of_kind(every, "ConfigMap") for k, v in c["data"].items()}
+    settings |= {e["name"]: e.get("value") for c in containers for e in c.get("env", [])}
+    for setting in (n for n in named if n.startswith("COINSERVE_")):
+        key, _, value = setting.partition("=")
+        assert key in settings, key
+        assert not value or settings[key] == value, setting
+    replicas = json.loads(settings["COINSERVE_REPLICAS"])
+    assert all(url in replicas.values() for url in re.findall(r"`(tcp://[^`]+)`", prose))
+    [redis] = of_kind(docs["prod"], "StatefulSet")
+    assert f"`{redis['spec']['template']['spec']['containers'][0]['image']}`" in prose

@@ -30,6 +30,7 @@ import torch
 from models.refine import RefinementEngine
 
 logger = logging.getLogger(__name__)
+WARM_ROUNDS = 3  # passes per resolution and batch size before the worker says it is ready
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,31 @@ class Batcher:
         once. Measured through the gateway at concurrency 32: waiting 2 ms lifts throughput from 327 to
         396 req/s; waiting always would cost every lone request 2 ms."""
         return self.max_wait_s if self.outstanding > 1 else 0.0
+
+    def warm_up(self, sample: torch.Tensor, rounds: int = WARM_ROUNDS) -> list[float]:
+        """Run every resolution at batch 1 and at every power of two up to `max_batch` (rows of
+        `sample`, repeated as needed), `rounds` times each, in the thread that will serve them (an
+        int8 resolution's first pass on a new thread costs 50-60 ms, measured on 2 cores: a cold
+        first call ran past the gateway's first patience). Returns each resolution's fastest
+        batch-1 time in milliseconds (forward and softmax, as a step computes it). Blocking: call it
+        before `start`, off the event loop."""
+        sizes = sorted({1, *(1 << p for p in range(self.max_batch.bit_length()) if 1 << p <= self.max_batch)})
+        rows = sample.repeat((self.max_batch + len(sample) - 1) // len(sample), *([1] * (sample.dim() - 1)))
+
+        def run() -> list[float]:
+            best = []
+            for index in range(self.engine.plan.resolutions):
+                times = []
+                for size in sizes:
+                    for _ in range(rounds):
+                        started = time.perf_counter()
+                        torch.softmax(self.engine.forward(rows[:size], index), dim=1).numpy()
+                        if size == 1:
+                            times.append(time.perf_counter() - started)
+                best.append(round(min(times) * 1000, 3))
+            return best
+
+        return run() if self.executor is None else self.executor.submit(run).result()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")

@@ -199,6 +199,7 @@ class Connection(asyncio.Protocol):
                 spec.input.size,
                 spec.classes,
                 self.worker.settings.max_request_batch,
+                [served.warm_ms for served in self.worker.models.values()],
             )
         )
 

@@ -79,7 +79,10 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
         worker: WorkerState | None = getattr(request.state, "worker", None)
         if worker is None:
             return JSONResponse({"ready": False})
-        return JSONResponse({"ready": True, "identity": worker.identity, "channel_port": settings.channel})
+        warm_up = {name: {"batch_1_ms": served.warm_ms} for name, served in worker.models.items()}
+        return JSONResponse(
+            {"ready": True, "identity": worker.identity, "channel_port": settings.channel, "warm_up": warm_up}
+        )
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -105,6 +108,7 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
                     "refinement": served.engine.plan.to_dict(),
                     "kernels": served.engine.kernels,
                     "int8_engine": served.engine.engine_choice or None,
+                    "warm_batch_1_ms": served.warm_ms,
                     "identity": worker.identity,
                     "labels": list(worker.spec.labels),
                     "channel_port": settings.channel,

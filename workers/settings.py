@@ -25,7 +25,7 @@ class FaultSettings(BaseSettings):
     error_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests answered with HTTP 500")
     garbage_rate: float = Field(0.0, ge=0, le=1, description="fraction answered with a malformed reply")
     garbage_kind: str = Field("nan", description="nan, shape, truncated or close")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random draws (which requests are delayed, failed or garbled)")
 
     @property
     def enabled(self) -> bool:
@@ -35,9 +35,9 @@ class FaultSettings(BaseSettings):
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COINSERVE_WORKER_", extra="forbid")
 
-    bundle: Path = Path("bundles/default")
+    bundle: Path = Field(Path("bundles/default"), description="the bundle folder the model is read from")
     model: str = Field("member-0", description="the bundle model this replica serves")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the address HTTP and the channel listen on")
     port: int = Field(8101, description="HTTP: health, metadata and metrics")
     channel_port: int | None = Field(
         None, ge=0, le=65535, description="the gateway channel (inference); default: the HTTP port + 1"

@@ -79,6 +79,7 @@ class Served:
     entry: dict[str, Any]
     engine: RefinementEngine
     batcher: Batcher
+    warm_ms: list[float] = field(default_factory=list)  # its warm-up: fastest batch-1 ms per resolution
 
 
 @dataclass
@@ -122,18 +123,10 @@ def _serve_model(
 ) -> Served:
     model = bundle.build_model(name)  # reads the file and checks its sha256 first
     plan = RefinementPlan.from_dict(bundle.manifest.get("refinement"))
-    engine = RefinementEngine(model, plan, settings.int8_engine, _sample(bundle, settings.max_batch))
-    if engine.engine_choice:  # said at any log level: which kernels serve is part of what was deployed
-        logger.log(
-            max(logger.getEffectiveLevel(), logging.INFO),
-            "%s: resolutions on %s; int8 engine %s",
-            name,
-            engine.kernels,
-            engine.engine_choice,
-        )
-    warm = torch.zeros(1, *bundle.spec.input.shape)
-    for index in range(plan.resolutions):
-        engine.forward(warm, index)
+    sample = _sample(bundle, settings.max_batch)
+    engine = RefinementEngine(model, plan, settings.int8_engine, sample)
+    if engine.engine_choice:  # a routine start-up fact: shown with --log-level info (`coinserve up` too)
+        logger.info("%s: resolutions on %s; int8 engine %s", name, engine.kernels, engine.engine_choice)
     batcher = Batcher(
         engine,
         settings.max_batch,
@@ -145,7 +138,9 @@ def _serve_model(
         on_cpu=metrics.compute.inc,
         on_dropped=dispatch.dropped,
     )
-    return Served(name, bundle.entry(name), engine, batcher)
+    warm_ms = batcher.warm_up(sample)  # in the compute thread, before readiness: no cold first call
+    logger.info("%s: warm; batch-1 ms per resolution %s", name, warm_ms)
+    return Served(name, bundle.entry(name), engine, batcher, warm_ms)
 
 
 def _sample(bundle: Bundle, rows: int) -> torch.Tensor:

@@ -489,7 +489,21 @@ function bars(probs, top) {
 }
 
 function fmt(ms) {
-  return ms === undefined || ms === null ? "?" : ms < 10 ? ms.toFixed(1) : String(Math.round(ms));
+  return ms === undefined || ms === null ? "?" : ms < 10 ? ms.toFixed(1) : Math.round(ms).toLocaleString("en-US");
+}
+
+// A count as people write it (2,048); `exact` false: estimated from the recent rate ("about 5,300").
+function count(n, exact = true) {
+  return (exact ? "" : "about ") + Number(n).toLocaleString("en-US");
+}
+
+function plural(n, word) {
+  return n === 1 ? word : word + "s";
+}
+
+// 60 → "minute", 90 → "90 s"
+function period(seconds) {
+  return seconds === 60 ? "minute" : `${seconds} s`;
 }
 
 // ---- the cluster ----------------------------------------------------------------------------------
@@ -523,15 +537,31 @@ function renderStatus(status) {
       card.append(why);
     }
     const facts = [
-      ["p50 / p99", r.p50_ms === null ? "no calls" : `${fmt(r.p50_ms)} / ${fmt(r.p99_ms)} ms`],
-      ["calls", `${r.calls} answered in the last ${status.window_s} s` + (r.errors ? `, ${r.errors} failed` : "")],
+      [
+        "answer time",
+        r.p50_ms === null ? "no answers yet" : `typically ${fmt(r.p50_ms)} ms, 99 in 100 within ${fmt(r.p99_ms)} ms`,
+      ],
+      [
+        "answered",
+        `${count(r.calls, r.calls_exact)} ${plural(r.calls, "request")} in the last ${period(status.window_s)}` +
+          (r.errors ? `; ${count(r.errors)} failed` : ""),
+      ],
     ];
-    if (r.cut) facts.push(["cut short", `${r.cut} (the final came first), the longest after ${fmt(r.cut_max_ms)} ms`]);
+    if (r.cut)
+      facts.push([
+        "stopped early",
+        `${count(r.cut, r.cut_exact)} ${plural(r.cut, "call")} stopped because the answer was already final; ` +
+          `the longest ran ${fmt(r.cut_max_ms)} ms`,
+      ]);
     if (r.role === "member") {
-      facts.push(["decoded", `in ${r.decoded} final${r.decoded === 1 ? "" : "s"}`]);
-      if (r.patience_ms !== null && r.patience_ms !== undefined) facts.push(["patience", `${fmt(r.patience_ms)} ms`]);
+      facts.push([
+        "rebuilt",
+        `${count(r.decoded)} ${plural(r.decoded, "answer")} rebuilt from the coded replica instead of waiting for it`,
+      ]);
+      if (r.patience_ms !== null && r.patience_ms !== undefined)
+        facts.push(["waits up to", `${fmt(r.patience_ms)} ms before its answer is rebuilt`]);
     }
-    if (r.circuit_open) facts.push(["circuit", "open: calls skip it"]);
+    if (r.circuit_open) facts.push(["unreachable", "requests go on without it"]);
     const list = document.createElement("dl");
     for (const [term, value] of facts) {
       const dt = document.createElement("dt");
@@ -547,9 +577,11 @@ function renderStatus(status) {
   box.classList.remove("stale");
   state.unreachableSince = null;
   el("cluster-meta").textContent =
-    `decode policy ${status.decode_policy} · ${status.inflight} in flight · ${status.open_streams} open streams · ` +
-    `${status.finals} finals, ${status.approximate_finals} approximate · health checked every ` +
-    `${status.health.interval_s} s: a replica that stops answering is shown down within ${fmt(status.health.window_s)} s`;
+    `${status.decode_policy} decoding · ${count(status.inflight)} ${plural(status.inflight, "request")} in progress · ` +
+    `${count(status.open_streams)} open ${plural(status.open_streams, "stream")} · ` +
+    `${count(status.finals)} answered, ${count(status.approximate_finals)} of them approximate · ` +
+    `each replica checked every ${status.health.interval_s} s: one that stops answering is shown down ` +
+    `within ${fmt(status.health.window_s)} s`;
 }
 
 let polling = false;

@@ -270,8 +270,15 @@ def why(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# the opening of `coinserve bench peers --help`: one full sentence
+DESCRIPTION = (
+    "Compare coinserve with Ray Serve and Triton serving the same bundle's members, on the same cores, "
+    "under the same stragglers and request rates (issue 20)."
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
     parser.add_argument("--bundle", type=Path, default=Path(os.environ.get("COINSERVE_BUNDLE", "bundles/default")))
     parser.add_argument("--json", type=Path, default=Path("docs/results/peers.json"))
     parser.add_argument("--servers", default=",".join(SERVERS))

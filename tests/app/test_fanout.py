@@ -367,3 +367,27 @@ async def test_a_member_that_stopped_answering_its_pings_is_not_waited_for():
     events = await _events(replicas, Options())
     assert events[-1][:2] == ("final", ["m2"]) and events[-1][2] < 50
     assert "m2" in [name for name, _ in replicas.calls]
+
+
+def test_a_members_first_patience_comes_from_its_warm_up_never_below_the_initial():
+    """Issue 29: a worker's Welcome says what its batch-1 steps took while warming up; until its own
+    calls are timed, a member's patience is WARM_FACTOR times that (every resolution for a refining
+    call), or the initial patience when that is longer."""
+    from app.patience import WARM_FACTOR
+    from protocol.channel import Welcome
+
+    replicas = ScriptedReplicas({})
+    fanout = _fanout(replicas)
+    initial, margin = 0.050, 0.005
+    slow = Welcome(1, {}, ["m0"], 784, 10, 64, [[6.0, 9.0]])  # a slow model: 9 ms a float32 step
+    fast = Welcome(1, {}, ["m1"], 784, 10, 64, [[0.4, 0.3]])
+    replicas.on_welcome("m0", slow)  # type: ignore[attr-defined]
+    replicas.on_welcome("m1", fast)  # type: ignore[attr-defined]
+    replicas.on_welcome("c", Welcome(1, {}, ["c"], 784, 10, 64, [[99.0, 99.0]]))  # type: ignore[attr-defined]
+    assert fanout.patience.budget_s("m0") == pytest.approx(WARM_FACTOR * 0.009 + margin)
+    assert fanout.patience.budget_s("m0", refine=True) == pytest.approx(WARM_FACTOR * 0.015 + margin)
+    assert fanout.patience.budget_s("m1") == pytest.approx(initial + margin)
+    assert fanout.patience.budget_s("m2") == pytest.approx(initial + margin)
+    for _ in range(50):  # its own calls, once timed, replace the warm-up's word
+        fanout.patience.record("m0", 0.002)
+    assert fanout.patience.budget_s("m0") == pytest.approx(0.002 + margin)

@@ -22,6 +22,22 @@ from app.settings import GatewaySettings
 REPLICAS = {"member-0": "tcp://127.0.0.1:1", "member-1": "tcp://127.0.0.1:2", "member-2": "tcp://127.0.0.1:3"}
 
 
+def test_a_busy_minute_is_counted_from_its_rate_not_shown_as_the_buffer_cap(monkeypatch):
+    """More calls than the buffer keeps (KEPT) in the window: the count is an estimate, said so, and
+    not the buffer's size (issue 29: "2048 answered in the last 60 s" was the cap)."""
+    clock = [1000.0]
+    monkeypatch.setattr(measures.time, "monotonic", lambda: clock[0])
+    activity = Activity()
+    for _ in range(2 * measures.KEPT):  # 100 calls a second for 2 × KEPT / 100 s, all within the minute
+        clock[0] += 0.01
+        activity.call("a", 0.005)
+        activity.cut("a", 0.004)
+    recent = activity.recent("a", clock[0])
+    assert recent["calls_exact"] is False and recent["cut_exact"] is False
+    assert recent["calls"] == recent["cut"] == pytest.approx(6000, rel=0.01)  # 100 a second for a minute
+    assert recent["calls"] != measures.KEPT
+
+
 def test_recent_latency_is_over_the_window_and_its_percentiles_are_right(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(measures.time, "monotonic", lambda: clock[0])
@@ -37,8 +53,10 @@ def test_recent_latency_is_over_the_window_and_its_percentiles_are_right(monkeyp
     clock[0] += measures.WINDOW_S + 1  # a minute later: nothing recent
     activity.call("a", 0.007)
     fresh = {"calls": 1, "errors": 0, "cut": 0, "cut_max_ms": None, "p50_ms": 7.0, "p99_ms": 7.0}
+    fresh |= {"calls_exact": True, "cut_exact": True}
     assert activity.recent("a", clock[0]) == fresh
     never = {"calls": 0, "errors": 0, "cut": 0, "cut_max_ms": None, "p50_ms": None, "p99_ms": None}
+    never |= {"calls_exact": True, "cut_exact": True}
     assert activity.recent("never-called", clock[0]) == never
 
 

@@ -111,7 +111,8 @@ def test_status_lists_every_replica_with_its_recent_calls(public: Public):
     for name, replica in replicas.items():
         assert replica["role"] == ("coded" if name == "coded-coin-0" else "member")
         assert replica["ready"] is True and replica["reason"] is None
-        assert replica["calls"] + replica["cut"] >= 1  # the coded replica's calls are mostly cut: not needed
+        # a coded call is held, and never sent when every (warm) member answers in time (issue 27)
+        assert replica["calls"] + replica["cut"] >= (0 if name == "coded-coin-0" else 1)
         if replica["calls"]:
             assert 0 < replica["p50_ms"] <= replica["p99_ms"]
     for member in ("member-0", "member-1", "member-2"):  # the exact answer above waited for each
@@ -138,6 +139,23 @@ def test_the_console_loads_clean_and_talks_only_to_its_own_origin(browser, publi
             asked.add(message["params"]["request"]["url"])
     assert asked and all(u.startswith((base + "/", "data:", "blob:")) for u in asked), asked
     assert {base + "/", base + "/console/console.js", base + "/v1/status", base + "/v1/examples"} <= asked
+
+
+def test_the_replica_cards_say_what_happened_in_plain_words(browser, public: Public):
+    """Issue 29: counts as people write them, periods in words, no jargon ("p50", "final came
+    first"): a member's card after answered requests reads like a sentence."""
+    import re
+
+    browser.get(public.service.url + "/")
+    wait(browser, lambda d: by_testid(d, "example-3"))
+    by_testid(browser, "example-3").click()
+    final_of(browser)
+    script = "const e = document.querySelector(`[data-testid='replica-member-0']`); return e ? e.innerText : '';"
+    wait(browser, lambda d: re.search(r"requests? in the last minute", d.execute_script(script)))
+    text = browser.execute_script(script)
+    assert re.search(r"\b[\d,]+ requests? in the last minute", text), text
+    assert re.search(r"typically [\d.,]+ ms, 99 in 100 within [\d.,]+ ms", text), text
+    assert "p50" not in text and "60 s" not in text and "final came first" not in text, text
 
 
 def test_an_example_from_the_url_gets_the_json_apis_answer(browser, public: Public, shots: Path):

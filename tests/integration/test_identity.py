@@ -113,6 +113,12 @@ def _readiness(mixed: Mixed) -> dict:
     return {"ready": True, "down": [STRANGER], "reasons": {STRANGER: mixed.reason}}
 
 
+def _warm(ready: dict) -> dict:
+    """What the worker's warm-up measured (issue 29): a batch-1 time per resolution of its model."""
+    assert list(ready["warm_up"]) == [STRANGER] and all(ms > 0 for ms in ready["warm_up"][STRANGER]["batch_1_ms"])
+    return {"warm_up": ready["warm_up"]}
+
+
 def _requests_served(url: str) -> float:
     return metric_sum(url, "coinserve_worker_requests_total")
 
@@ -127,7 +133,7 @@ def test_readiness_names_the_replica_of_another_bundle_and_why(mixed: Mixed):
 def test_a_worker_reports_its_identity_when_ready_and_in_its_metadata(mixed: Mixed, other_bundle: Path):
     identity = {"bundle_sha256": _sha256(other_bundle), "model": STRANGER, "refinement": _planes(other_bundle)}
     ready = httpx.get(f"{mixed.stranger}/v2/health/ready", timeout=5).json()
-    assert ready == {"ready": True, "identity": identity, "channel_port": ready["channel_port"]}
+    assert ready == {"ready": True, "identity": identity, "channel_port": ready["channel_port"], **_warm(ready)}
     metadata = httpx.get(f"{mixed.stranger}/v2/models/{STRANGER}", timeout=5).json()
     assert metadata["parameters"]["identity"] == identity
 

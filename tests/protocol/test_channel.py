@@ -129,3 +129,20 @@ def test_encode_leaves_the_payload_buffers_alone():
     payload = memoryview(np.zeros(4, FLOAT).tobytes())
     parts = encode(Ping(1), [payload])
     assert parts[-1] is payload
+
+
+def test_a_welcome_carries_the_warm_up_and_an_older_peer_still_decodes_it():
+    """`Welcome.warm_ms` (issue 29) is its last field with a default: a worker that sends none (an
+    older one) decodes with it empty, and one that sends it is read back intact."""
+    import msgspec
+
+    older = msgspec.msgpack.encode([11, 1, {"model": "member-0"}, ["member-0"], 784, 10, 256])
+    (message, _), *_ = FrameReader(to_worker=False).feed(_frame(older))
+    assert isinstance(message, Welcome) and message.warm_ms == []
+    newer = Welcome(1, {"model": "member-0"}, ["member-0"], 784, 10, 256, [[0.4, 0.3]])
+    (message, _), *_ = FrameReader(to_worker=False).feed(frame_bytes(newer))
+    assert message.warm_ms == [[0.4, 0.3]]
+
+
+def _frame(header: bytes) -> bytes:
+    return struct.pack("<II", 4 + len(header), len(header)) + header

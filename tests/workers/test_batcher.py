@@ -247,3 +247,28 @@ async def test_steps_can_run_on_the_event_loop_too():
     finally:
         await batcher.stop()
     assert batcher.executor is None
+
+
+def test_the_warm_up_runs_every_resolution_and_batch_size_in_the_compute_thread(monkeypatch):
+    """Issue 29: a resolution's first pass on a new thread is slow (int8 kernels: 50-60 ms), so the
+    warm-up runs where steps will run, at batch 1 and every power of two up to max_batch, and says
+    what batch 1 took per resolution."""
+    batcher = Batcher(_engine(), max_batch=8, max_wait_ms=0)
+    seen: list[tuple[int, int, str]] = []
+    forward = batcher.engine.forward
+
+    def spy(images: torch.Tensor, index: int) -> torch.Tensor:
+        seen.append((len(images), index, threading.current_thread().name))
+        return forward(images, index)
+
+    monkeypatch.setattr(batcher.engine, "forward", spy)
+    warm = batcher.warm_up(torch.rand(3, 1, 28, 28), rounds=2)
+    resolutions = batcher.engine.plan.resolutions
+    assert len(warm) == resolutions and all(ms > 0 for ms in warm)
+    assert sorted({(rows, index) for rows, index, _ in seen}) == [
+        (r, i) for r in (1, 2, 4, 8) for i in range(resolutions)
+    ]
+    assert len(seen) == 2 * 4 * resolutions
+    assert len({thread for _, _, thread in seen}) == 1 and seen[0][2].startswith("forward")  # the compute thread
+    assert batcher.executor is not None
+    batcher.executor.shutdown()
