@@ -50,12 +50,13 @@ async def rest(url: str, images: np.ndarray, binary: bool, **kwargs: Any) -> dic
         await client.close()
 
 
-async def grpc_call(address: str, images: np.ndarray, **kwargs: Any) -> dict[str, Any]:
+async def grpc_call(address: str, images: np.ndarray, binary: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """binary: the tensor as `raw_input_contents`; else as typed `contents.fp32_contents`."""
     import grpc
 
     async with InferenceGRPCClient(address) as client:
         try:
-            return summary(await client.infer(request(images, binary=True, **kwargs)))
+            return summary(await client.infer(request(images, binary=binary, **kwargs)))
         except grpc.RpcError as exc:
             return {"code": exc.code().name, "error": exc.details()}
 
@@ -68,6 +69,7 @@ async def main(url: str, address: str, images: np.ndarray) -> dict[str, Any]:
         "rest_other_model": await rest(url, images, binary=False, model_name="digits"),
         "rest_out_of_range": await rest(url, images * 255, binary=True),
         "grpc": await grpc_call(address, images, request_id="kserve-grpc"),
+        "grpc_typed": await grpc_call(address, images, binary=False, request_id="kserve-grpc-typed"),
         "grpc_out_of_range": await grpc_call(address, -images),
     }
 

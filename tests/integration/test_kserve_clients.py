@@ -79,6 +79,15 @@ def test_out_of_range_inputs_are_refused_over_rest_and_grpc(kserve_calls):
     assert grpc["error"].endswith(f"the first outside it is {negated[first]:g} at index {first}")
 
 
+def test_grpc_inference_with_typed_contents_is_answered_alike(kserve_calls, public):
+    """The tensor as typed `fp32_contents` (KServe's non-binary gRPC request), not raw bytes."""
+    got = kserve_calls["grpc_typed"]
+    assert "error" not in got, got
+    assert got["id"] == "kserve-grpc-typed" and got["model_name"] == "fashion"
+    expected = exact_json(public, 2)["ensemble"]
+    assert np.argmax(got["outputs"]["ensemble"], axis=1).tolist() == np.argmax(expected, axis=1).tolist()
+
+
 def test_grpc_inference_with_typed_parameters(kserve_calls, public):
     got = kserve_calls["grpc"]
     assert "error" not in got, got
