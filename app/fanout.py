@@ -339,11 +339,11 @@ class Run:
         calls.remove(call)
         if not calls:
             del self.calls[slot]
-        fanout.load.finished(slot, completed=ok)
+        elapsed = fanout.clock() - call.started
+        fanout.load.finished(slot, completed=ok, elapsed_s=elapsed)
         if not ok:
             fanout.activity.error(call.replica)
             return
-        elapsed = fanout.clock() - call.started
         fanout.replica_latency[call.replica].observe(elapsed)
         fanout.activity.call(call.replica, elapsed)
         if call.replica == slot and id(call) not in self.unrecorded:

@@ -25,6 +25,7 @@ KEPT = 2048  # at most this many recent calls per replica (a busy replica's minu
 class _Replica:
     in_flight: int = 0
     completions: deque[float] = field(default_factory=deque)  # perf_counter of each completed call
+    elapsed: deque[float] = field(default_factory=deque)  # its time from send to answer, when known
 
 
 class ReplicaLoad:
@@ -44,24 +45,35 @@ class ReplicaLoad:
     def started(self, name: str) -> None:
         self._of(name).in_flight += 1
 
-    def finished(self, name: str, completed: bool, now: float | None = None) -> None:
+    def finished(self, name: str, completed: bool, now: float | None = None, elapsed_s: float | None = None) -> None:
         replica = self._of(name)
         replica.in_flight -= 1
         if completed:
             replica.completions.append(time.perf_counter() if now is None else now)
+            if elapsed_s is not None:
+                replica.elapsed.append(elapsed_s)
 
     def expected_wait_s(self, name: str, now: float | None = None) -> float | None:
-        """L / X for a new call on `name`, or None without enough recent completions to tell."""
+        """L / X for a new call on `name`, or None without enough recent completions to tell. X is
+        what the replica completed in the window, which is its demand, not its capacity, when its
+        calls come rarely and in bursts (a coded replica whose calls are held until a member is late
+        gets them all at once when a member is paused): so the wait is at most L times the replica's
+        recent time per call, the wait of calls answered one after another."""
         replica = self.replicas.get(name)
         if replica is None or replica.in_flight == 0:
             return 0.0
         now = time.perf_counter() if now is None else now
-        completions = replica.completions
+        completions, elapsed = replica.completions, replica.elapsed
         while completions and completions[0] < now - self.window_s:
             completions.popleft()
+        while len(elapsed) > len(completions):
+            elapsed.popleft()
         if len(completions) < self.min_completions:
             return None
-        return replica.in_flight / (len(completions) / self.window_s)
+        wait_s = replica.in_flight / (len(completions) / self.window_s)
+        if elapsed:
+            wait_s = min(wait_s, replica.in_flight * sum(elapsed) / len(elapsed))
+        return wait_s
 
     def expected_start_s(self, replicas: list[str], needed: int, now: float | None = None) -> float:
         """The wait until `needed` of `replicas` can have answered: the needed-th smallest estimate

@@ -398,7 +398,7 @@ def write_report(result: dict[str, Any], settings: dict[str, Any], out: Path) ->
     lines = [
         "# Soak: sustained load with stragglers and a replica killed again and again",
         "",
-        "Regenerate: `coinserve bench soak` (10 minutes); the CI variant runs one minute "
+        "Regenerate: `coinserve bench soak` (10 minutes); the CI variant runs half a minute "
         "(`tests/integration/test_soak.py`).",
         "",
         f"Machine: {m.get('cpu', '?')} ({', '.join(m.get('cpu_flags', []))}), {m['cpus']} CPUs, {m['platform']}, "

@@ -125,7 +125,7 @@ def test_member_paused_beyond_the_deadline_under_concurrent_load(service):
         service.signal("member-0", signal.SIGCONT)
     for status, events, elapsed in results:
         end = terminal(events)
-        assert status == 200 and end["event"] == "final"
+        assert status == 200 and end["event"] == "final", (status, end)
         assert end["data"]["parameters"]["decoded_members"] == ["member-0"]
         assert elapsed < 800 + SLACK_MS
 
