@@ -25,9 +25,12 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from app import launcher
 from bench import tail
 from bench.loadgen import closed_loop, metric_sum
 from bench.peers.servers import member_names
@@ -102,33 +105,41 @@ def steps_us(raw: Path, cpu_s: dict[int, float], answered: int) -> dict[str, flo
     return {step: round(us, 1) for step, us in out.most_common()}
 
 
-def measure(bundle: Path, seconds: float) -> dict[str, Any]:
-    bodies = tail.request_bodies(tail.images_of("test").images[:2000])
+@contextmanager
+def coded_cluster(bundle: Path) -> Iterator[tuple[launcher.Cluster, launcher.Cluster]]:
+    """The tail benchmark's cluster under the product's default policy (coded, patience quantile
+    0.999): → (the k + 1 workers, the gateway), both stopped at the end."""
     k = len(member_names(bundle))
     workers = tail.start_workers(bundle, k)
     try:
         gateway = tail.start_gateway(workers, tail.Spec("coded", 0.0, "none", 0.999), bundle, k, 5.0)
         try:
-            url = tail.infer_url(gateway)
-            pids = {c.name: c.process.pid for c in workers.children}
-            member = next(c for c in workers.children if c.name == "member-0")
-            pids["gateway"] = gateway.children[0].process.pid
-            asyncio.run(closed_loop(url, bodies, 32, 2.0))
-            folder = Path(tempfile.mkdtemp(prefix="request-cpu-"))
-            spies = {n: sample(pids[n], seconds, folder / f"{n}.txt") for n in ("gateway", "member-0")}
-            before = {n: process_cpu_s(p) for n, p in pids.items()}
-            threads_before = {n: thread_cpu_s(pids[n]) for n in spies}
-            compute_before = metric_sum(member.url, "coinserve_worker_compute_cpu_seconds_total")
-            run = asyncio.run(closed_loop(url, bodies, 32, seconds))
-            compute_after = metric_sum(member.url, "coinserve_worker_compute_cpu_seconds_total")
-            threads_after = {n: thread_cpu_s(pids[n]) for n in spies}
-            after = {n: process_cpu_s(p) for n, p in pids.items()}
-            for spy in spies.values():
-                spy.wait()
+            yield workers, gateway
         finally:
             gateway.stop()
     finally:
         workers.stop()
+
+
+def measure(bundle: Path, seconds: float) -> dict[str, Any]:
+    bodies = tail.request_bodies(tail.images_of("test").images[:2000])
+    with coded_cluster(bundle) as (workers, gateway):
+        url = tail.infer_url(gateway)
+        pids = {c.name: c.process.pid for c in workers.children}
+        member = next(c for c in workers.children if c.name == "member-0")
+        pids["gateway"] = gateway.children[0].process.pid
+        asyncio.run(closed_loop(url, bodies, 32, 2.0))
+        folder = Path(tempfile.mkdtemp(prefix="request-cpu-"))
+        spies = {n: sample(pids[n], seconds, folder / f"{n}.txt") for n in ("gateway", "member-0")}
+        before = {n: process_cpu_s(p) for n, p in pids.items()}
+        threads_before = {n: thread_cpu_s(pids[n]) for n in spies}
+        compute_before = metric_sum(member.url, "coinserve_worker_compute_cpu_seconds_total")
+        run = asyncio.run(closed_loop(url, bodies, 32, seconds))
+        compute_after = metric_sum(member.url, "coinserve_worker_compute_cpu_seconds_total")
+        threads_after = {n: thread_cpu_s(pids[n]) for n in spies}
+        after = {n: process_cpu_s(p) for n, p in pids.items()}
+        for spy in spies.values():
+            spy.wait()
     answered = len(run.ok())
     per_request = {n: round((after[n] - before[n]) * 1e6 / answered, 1) for n in pids}
     report: dict[str, Any] = {

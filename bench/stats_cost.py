@@ -25,7 +25,7 @@ import httpx
 
 from bench import tail
 from bench.loadgen import closed_loop
-from bench.peers.servers import member_names
+from bench.request_cpu import coded_cluster
 from models.machine import machine
 
 
@@ -78,22 +78,14 @@ def one_round(url: str, bodies: list[bytes], seconds: float, stats_url: str | No
 
 def measure(bundle: Path, rounds: int, seconds: float) -> dict[str, Any]:
     bodies = tail.request_bodies(tail.images_of("test").images[:2000])
-    k = len(member_names(bundle))
-    workers = tail.start_workers(bundle, k)
-    try:
-        gateway = tail.start_gateway(workers, tail.Spec("coded", 0.0, "none", 0.999), bundle, k, 5.0)
-        try:
-            url = tail.infer_url(gateway)
-            stats_url = url.removesuffix("/infer") + "/stats"
-            asyncio.run(closed_loop(url, bodies, 32, min(2.0, seconds)))  # warm-up
-            results = []
-            for i in range(rounds):
-                for with_reader in (i % 2 == 1, i % 2 == 0):  # alternate which goes first
-                    results.append(one_round(url, bodies, seconds, stats_url if with_reader else None))
-        finally:
-            gateway.stop()
-    finally:
-        workers.stop()
+    with coded_cluster(bundle) as (_, gateway):
+        url = tail.infer_url(gateway)
+        stats_url = url.removesuffix("/infer") + "/stats"
+        asyncio.run(closed_loop(url, bodies, 32, min(2.0, seconds)))  # warm-up
+        results = []
+        for i in range(rounds):
+            for with_reader in (i % 2 == 1, i % 2 == 0):  # alternate which goes first
+                results.append(one_round(url, bodies, seconds, stats_url if with_reader else None))
     plain = [r["answered_per_s"] for r in results if not r["reader"]]
     read = [r["answered_per_s"] for r in results if r["reader"]]
     # Each round's two runs are next to each other in time: their ratio is what the host's drift
