@@ -56,6 +56,7 @@ class StepAnswer:
     resolution: int
     final: bool
     stopped: bool
+    slower: bool = False  # a coarse resolution asked for explicitly, measured no cheaper than float32
 
 
 class CallSink(Protocol):
@@ -87,6 +88,7 @@ class Options:
     final_only: bool = True
     stop_margin: float | None = None
     time_left_ms: float | None = None
+    coarse: bool = False  # every coarse resolution, even those the worker skips as no cheaper (issue 31)
 
 
 @dataclass
@@ -116,6 +118,8 @@ class WorkerChannel(asyncio.Protocol):
         self.why_closed = ""
         self.outbox = Outbox(Work, self._write)
         self.ready = True  # the worker's own word in its last Pong (False while it drains)
+        self.resolutions: dict[str, dict[str, Any]] = {}  # model → its live resolutions and costs, as measured
+        self.on_resolutions: Callable[[WorkerChannel], None] = lambda channel: None
         self.missed = 0  # pings in a row without an answer in time
         self.ping_seq = 0
         self.pong_seq = 0
@@ -180,6 +184,9 @@ class WorkerChannel(asyncio.Protocol):
             if message.seq > self.pong_seq:
                 self.pong_seq, self.missed = message.seq, 0
             self.ready = message.ready
+            if message.resolutions is not None and self.welcome is not None:
+                self.resolutions = dict(zip(self.welcome.models, message.resolutions, strict=False))
+                self.on_resolutions(self)
             self.on_health(self)
         elif isinstance(message, Welcome):
             self._welcome(message)
@@ -199,6 +206,7 @@ class WorkerChannel(asyncio.Protocol):
             return
         self.welcome = welcome
         self.models = {name: i for i, name in enumerate(welcome.models)}
+        self.resolutions = dict(zip(welcome.models, welcome.resolutions, strict=False))
         if not self.welcomed.done():
             self.welcomed.set_result(welcome)
 
@@ -226,7 +234,7 @@ class WorkerChannel(asyncio.Protocol):
                 del self.calls[entry.call]
                 call.done = True
             call.answers += 1
-            answer = StepAnswer(probs.astype(np.float64), entry.resolution, entry.final, entry.stopped)
+            answer = StepAnswer(probs.astype(np.float64), entry.resolution, entry.final, entry.stopped, entry.slower)
             call.sink.answered(call, answer)
         for failure in step.failures:
             if failure.call > self.last_id:
@@ -267,6 +275,7 @@ class WorkerChannel(asyncio.Protocol):
             options.final_only,
             options.stop_margin,
             options.time_left_ms,
+            options.coarse,
         )
         self.outbox.put(submit, images)
 

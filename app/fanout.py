@@ -79,6 +79,7 @@ class Fanout:
         self.coded_latency = LatencyTracker(quantile=0.1, initial_s=CODED_INITIAL_S)
         self._errors: dict[tuple[str, str], Any] = {}
         replicas.on_welcome = self._welcomed
+        replicas.on_resolutions = self._resolutions
 
     def _welcomed(self, name: str, welcome: Welcome) -> None:
         """A member's worker connected: its first patience comes from what its warm-up measured."""
@@ -86,6 +87,18 @@ class Fanout:
             index = welcome.models.index(name)
             if index < len(welcome.warm_ms):
                 self.patience.warmed(name, welcome.warm_ms[index])
+        self._resolutions(name, dict(zip(welcome.models, welcome.resolutions, strict=False)))
+
+    def _resolutions(self, name: str, reports: dict[str, Any]) -> None:
+        """A replica's worker measured its resolutions again: the gauges follow (issue 31)."""
+        report = reports.get(name)
+        if report is None:
+            return
+        live = set(report.get("live", ()))
+        for index, ratio in enumerate(report.get("typical", ())):
+            if ratio is not None:
+                self.metrics.resolution_cost_ratio.labels(name, str(index)).set(ratio)
+            self.metrics.resolution_live.labels(name, str(index)).set(1 if index in live else 0)
 
     def error_counter(self, replica: str, kind: str) -> Any:
         child = self._errors.get((replica, kind))
@@ -157,6 +170,7 @@ class Run:
         self.wake: asyncio.TimerHandle | None = None
         self.wake_when: float | None = None
         self.hedging = group.hedge_url is not None and not options.refine and fanout.replicas.is_hedge_usable
+        self.coarse_slower = False  # a coarse answer asked for explicitly came from a resolution not live
 
     # start and end -------------------------------------------------------------------------------
     def begin(self) -> None:
@@ -168,6 +182,7 @@ class Run:
             final_only=not refine,
             stop_margin=self.options.stop_margin,
             time_left_ms=self._time_left_ms(),
+            coarse=self.options.coarse,
         )
         self.dispatched = fanout.clock()
         if fanout.patient:  # this request's patience per member, as it stands when its calls go out
@@ -311,6 +326,8 @@ class Run:
             book[slot] = answer
         if step.stopped:
             self.stopped.add(slot)
+        if step.slower:
+            self.coarse_slower = True
         if step.final or step.stopped:
             self._call_ended(call, ok=True)
             for other in self.calls.get(slot, [])[:]:  # a hedged pair: the first answer wins
@@ -498,7 +515,9 @@ class Run:
     ) -> Update:
         self.seq += 1
         elapsed = (self.fanout.clock() - self.started) * 1000
-        return Update(event, self.seq, round(elapsed, 3), answers or {}, self.members, error, status)
+        return Update(
+            event, self.seq, round(elapsed, 3), answers or {}, self.members, error, status, self.coarse_slower
+        )
 
     def _final(self, answers: dict[str, Answer], now: float) -> Update:
         """The final; members whose calls it cuts short are recorded at the time they were cut (a

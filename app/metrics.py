@@ -50,6 +50,18 @@ class GatewayMetrics:
             ["replica"],
             registry=r,
         )
+        self.resolution_cost_ratio = Gauge(
+            "coinserve_resolution_cost_ratio",
+            "A replica's measured cost of a resolution over its float32 pass at its typical batch (issue 31)",
+            ["replica", "resolution"],
+            registry=r,
+        )
+        self.resolution_live = Gauge(
+            "coinserve_resolution_live",
+            "1 while a replica serves the resolution (measured cheaper than float32, or float32 itself), else 0",
+            ["replica", "resolution"],
+            registry=r,
+        )
         self.hedges = Counter("coinserve_hedged_calls_total", "Member calls re-sent to the hedging replica", registry=r)
         self.final_asks = Counter(
             "coinserve_final_asks_total",

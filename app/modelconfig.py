@@ -24,9 +24,10 @@ def triton_datatype(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def model_config(group: Group, max_batch: int) -> dict[str, Any]:
+def model_config(group: Group, max_batch: int, refinement: dict[str, Any] | None = None) -> dict[str, Any]:
     """Triton's `ModelConfig` as its HTTP extension renders it (gRPC parses the same dict).
-    `max_batch` is the gateway's limit of images per request (`--max-batch`)."""
+    `max_batch` is the gateway's limit of images per request (`--max-batch`); `refinement` the live
+    resolutions per replica as their workers measured them (app/status.py `refinement`)."""
     spec = group.spec
     output = {"data_type": "TYPE_FP32", "dims": [spec.classes], "label_filename": "", "is_shape_tensor": False}
     return {
@@ -54,14 +55,16 @@ def model_config(group: Group, max_batch: int) -> dict[str, Any]:
             "preserve_ordering": False,
         },
         "default_model_filename": "manifest.json",
-        "parameters": {name: {"string_value": value} for name, value in _parameters(group).items()},
+        "parameters": {name: {"string_value": value} for name, value in _parameters(group, refinement).items()},
     }
 
 
-def _parameters(group: Group) -> dict[str, str]:
+def _parameters(group: Group, refinement: dict[str, Any] | None = None) -> dict[str, str]:
     """Our facts as Triton's string-valued parameters: lists and tables as JSON text."""
     meta = group.metadata()["parameters"]
     extra = {} if meta.get("input_range") is None else {"input_range": orjson.dumps(meta["input_range"]).decode()}
+    if refinement is not None:  # per replica: live resolutions and cost ratios, measured (issue 31)
+        extra["refinement"] = orjson.dumps(refinement).decode()
     return {
         "members": ",".join(group.members),
         "coded_replicas": orjson.dumps(meta["coded_replicas"]).decode(),

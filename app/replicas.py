@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from app.channel import Backoff, ChannelConfig, IdentityError, NotWelcomedError, WorkerChannel, dial
 from app.group import Group, parse_address
@@ -134,6 +135,7 @@ class Endpoint:
             self.channel = channel
             channel.on_lost = self._lost
             channel.on_health = lambda _channel: self.replica.changed()
+            channel.on_resolutions = lambda ch: owner.on_resolutions(self.replica.name, ch.resolutions)
             self.mismatch, self.reason, self.up_since = None, "", time.monotonic()
             if channel.welcome is not None:
                 owner.on_welcome(self.replica.name, channel.welcome)
@@ -346,6 +348,8 @@ class Replicas:
         self.unresponsive: set[str] = set()
         # Told each accepted `Welcome` (its warm-up measurements seed the fan-out's patience).
         self.on_welcome: Callable[[str, Welcome], None] = lambda name, welcome: None
+        # Told each report of a worker's live resolutions (in its Welcome, then in Pongs when it changes).
+        self.on_resolutions: Callable[[str, dict[str, Any]], None] = lambda name, reports: None
 
     def changed(self) -> None:
         """A replica's state changed: what every request reads is computed here, not per request."""
@@ -412,6 +416,15 @@ class Replicas:
         down_members = sum(not self.replicas[m].ready for m in self.group.members)
         up_coded = sum(self.replicas[c].ready for c in self.group.coded)
         return down_members <= up_coded
+
+    def resolutions(self, name: str) -> dict[str, Any] | None:
+        """What the replica's first connected worker measured: its live resolutions, cost ratios and
+        why (workers/costs.py `report`); every model's, keyed by name, for the hedging replica."""
+        for endpoint in self.replicas[name].endpoints.values():
+            channel = endpoint.channel
+            if channel is not None and endpoint.usable and channel.resolutions:
+                return channel.resolutions.get(name) if name in channel.resolutions else channel.resolutions
+        return None
 
     def endpoints(self, name: str) -> list[dict[str, object]]:
         return [e.status() for e in self.replicas[name].endpoints.values()]

@@ -25,7 +25,7 @@ BINARY = "application/octet-stream"
 
 def response_parameters(update: Update, group: Group) -> dict[str, Any]:
     exact = update.exact_members(group.resolutions - 1)
-    return {
+    parameters = {
         "seq": update.seq,
         "resolution": update.resolution,
         "planes": group.planes[update.resolution] if update.answers else None,
@@ -34,6 +34,9 @@ def response_parameters(update: Update, group: Group) -> dict[str, Any]:
         "approximate": len(exact) != len(update.members),
         "elapsed_ms": update.elapsed_ms,
     }
+    if update.coarse_slower:  # parameters.coarse got a resolution its replica skips as no cheaper (issue 31)
+        parameters["coarse_slower"] = True
+    return parameters
 
 
 def response_body(update: Update, group: Group, request_id: str | None) -> dict[str, Any]:

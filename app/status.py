@@ -37,6 +37,22 @@ def health_window(gw: Gateway) -> dict[str, float]:
     }
 
 
+def resolutions(gw: Gateway, name: str) -> dict[str, Any] | None:
+    """Which resolutions a replica's worker serves and why, as it measured them (issue 31): `live`
+    indices, cost ratios (coarse ms / float32 ms) at batch 1 and at its typical batch, the reason
+    per resolution ("int8/x86 1.90× float32 at batch 1: skipped ..."); None until one connected."""
+    report = gw.replicas.resolutions(name)
+    if report is None or "live" not in report:
+        return report
+    keys = ("live", "batch_1", "typical_batch", "typical", "kernels", "reasons", "margin", "policy")
+    return {key: report.get(key) for key in keys}
+
+
+def refinement(gw: Gateway) -> dict[str, Any]:
+    """Every member's and coded replica's `resolutions`: what model metadata and configuration list."""
+    return {name: resolutions(gw, name) for name in [*gw.group.members, *gw.group.coded]}
+
+
 def status_body(gw: Gateway) -> dict[str, Any]:
     """The cluster as the console shows it; every number is the gateway's own (no worker is called)."""
     health, fanout, activity = gw.health, gw.fanout, gw.fanout.activity
@@ -52,6 +68,7 @@ def status_body(gw: Gateway) -> dict[str, Any]:
             "reason": reasons.get(name),
             "circuit_open": name in health.unreachable,
             "endpoints": health.endpoints(name),
+            "resolutions": resolutions(gw, name),
             **activity.recent(name, now),
         }
         if role == "member":

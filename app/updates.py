@@ -17,12 +17,14 @@ class Options:
     stop_margin: float | None = None
     members: list[str] | None = None
     stream: bool = False  # someone reads the refinements (SSE, /v1, a gRPC stream), not only the final
+    coarse: bool = False  # parameters.coarse: every coarse resolution, even those measured no cheaper (issue 31)
 
     @property
     def refine(self) -> bool:
-        """Coarse resolutions are asked for: someone watches, or a deadline or stop margin may end
-        the request before the float32 answers."""
-        return self.stream or self.deadline_ms is not None or self.stop_margin is not None
+        """Coarse resolutions are asked for: someone watches, a deadline or stop margin may end the
+        request before the float32 answers, or the request asks for them (`coarse`). The workers
+        still skip those measured no cheaper than float32 unless `coarse` (workers/costs.py)."""
+        return self.stream or self.deadline_ms is not None or self.stop_margin is not None or self.coarse
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Update:
     members: list[str] = field(default_factory=list)
     error: str | None = None
     status: int = 200
+    coarse_slower: bool = False  # coarse answers were asked for and at least one cost more than float32
 
     @property
     def terminal(self) -> bool:

@@ -13,7 +13,7 @@ from app.settings import GatewaySettings
 from app.updates import Options
 from protocol.v2 import HEADER_LENGTH, InferRequest, ProtocolError, parse_infer
 
-PARAMETERS = ("deadline_ms", "min_resolution", "stop_margin", "members")
+PARAMETERS = ("deadline_ms", "min_resolution", "stop_margin", "members", "coarse")
 
 
 def _number(parameters: dict[str, Any], name: str) -> float | None:
@@ -47,7 +47,10 @@ def options_from(parameters: dict[str, Any], group: Group, settings: GatewaySett
                 f"parameters.members: unknown or repeated names {unknown or members}; members are {group.members}"
             )
         members = [m for m in group.members if m in members]  # code order
-    return Options(deadline, min_resolution, margin, members, stream)
+    coarse = parameters.get("coarse", False)
+    if type(coarse) is not bool:
+        raise BadRequestError(f"parameters.coarse must be true or false, got {coarse!r}")
+    return Options(deadline, min_resolution, margin, members, stream, coarse)
 
 
 def header_length(value: str | None) -> int | None:

@@ -217,7 +217,11 @@ def replica_kernels(cluster: Any) -> dict[str, Any]:
         if child.name.startswith("gateway"):
             continue
         meta = httpx.get(f"{child.url}/v2/models/{child.name}", timeout=10).json()["parameters"]
-        out[child.name] = {"kernels": meta.get("kernels"), "int8_engine": meta.get("int8_engine")}
+        out[child.name] = {
+            "kernels": meta.get("kernels"),
+            "int8_engine": meta.get("int8_engine"),
+            "resolutions": meta.get("resolutions"),  # which it serves, as it measured them (issue 31)
+        }
     return out
 
 

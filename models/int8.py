@@ -356,6 +356,28 @@ def available_engines() -> list[str]:
     return [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
 
 
+def candidates(
+    model: nn.Module, planes: int, grid: Sequence[int], check: torch.Tensor
+) -> tuple[dict[str, IntResolution], dict[str, str]]:
+    """Every available engine's resolution that reproduces the integer reference exactly on `check`,
+    and why each other engine was refused. The worker times the candidates again in idle moments
+    (workers/costs.py): a choice timed while several workers start on the same cores is noise."""
+    usable: dict[str, IntResolution] = {}
+    refused: dict[str, str] = {}
+    for engine in available_engines():
+        try:
+            res = IntResolution(model, planes, grid, engine)
+            got = res.forward(check).numpy()
+            want = res.reference_logits(check.numpy())
+            if not np.array_equal(got, want):
+                refused[engine] = f"differs from the integer reference (max |Δ| {float(np.abs(got - want).max()):.3g})"
+                continue
+            usable[engine] = res
+        except (RuntimeError, RefinementError) as exc:
+            refused[engine] = f"failed: {exc}"
+    return usable, refused
+
+
 def choose_engine(
     model: nn.Module, planes: int, grid: Sequence[int], sample: torch.Tensor, repeats: int = 30
 ) -> tuple[str | None, dict[str, Any]]:
@@ -363,27 +385,18 @@ def choose_engine(
 
     Returns (engine or None, {engine: median ms or the reason it was refused}).
     """
-    report: dict[str, Any] = {}
+    usable, refused = candidates(model, planes, grid, sample[: min(len(sample), 4)])
+    report: dict[str, Any] = dict(refused)
     best: tuple[float, str] | None = None
-    check = sample[: min(len(sample), 4)]
-    for engine in available_engines():
-        try:
-            res = IntResolution(model, planes, grid, engine)
-            got = res.forward(check).numpy()
-            want = res.reference_logits(check.numpy())
-            if not np.array_equal(got, want):
-                report[engine] = f"differs from the integer reference (max |Δ| {float(np.abs(got - want).max()):.3g})"
-                continue
-            for _ in range(5):
-                res.forward(sample)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                res.forward(sample)
-                times.append(time.perf_counter() - start)
-            ms = float(np.median(times)) * 1000
-            report[engine] = round(ms, 4)
-            best = (ms, engine) if best is None or ms < best[0] else best
-        except (RuntimeError, RefinementError) as exc:
-            report[engine] = f"failed: {exc}"
-    return (best[1] if best else None), report
+    for engine, res in usable.items():
+        for _ in range(5):
+            res.forward(sample)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            res.forward(sample)
+            times.append(time.perf_counter() - start)
+        ms = float(np.median(times)) * 1000
+        report[engine] = round(ms, 4)
+        best = (ms, engine) if best is None or ms < best[0] else best
+    return (best[1] if best else None), {e: report[e] for e in available_engines() if e in report}

@@ -144,6 +144,8 @@ class RefinementEngine:
         self._fast = self._fast_ops()
         self.integer: dict[int, IntResolution] = {}
         self.engine_choice: dict[str, Any] = {}
+        self._int8_source: tuple[nn.Module, tuple[int, ...], list[int]] | None = None  # model, grid, resolutions
+        self._candidates: dict[str, IntResolution] | None = None
         if plan.grid is not None and int8_engine is not None:
             self._use_integers(model, plan.grid, int8_engine, sample)
         self.kernels = [
@@ -171,8 +173,38 @@ class RefinementEngine:
             engine = chosen
         else:
             self.engine_choice = {"engine": engine, "measured_ms": None}
+        self._int8_source = (model, grid, usable)
         for i in usable:
             self.integer[i] = int8.IntResolution(model, self.plan.planes[i], grid, engine)
+
+    def int8_candidates(self, check: torch.Tensor) -> dict[str, IntResolution]:
+        """The first integer resolution on every engine that reproduces the reference on `check`
+        (built once; {} without integer resolutions). The worker re-times them when idle: the engine
+        chosen at start-up was timed while other workers started on the same cores."""
+        if self._candidates is None:
+            if self._int8_source is None or not self.integer:
+                self._candidates = {}
+            else:
+                model, grid, usable = self._int8_source
+                self._candidates, _ = int8.candidates(model, self.plan.planes[usable[0]], grid, check)
+        return self._candidates
+
+    @property
+    def int8_engine(self) -> str | None:
+        """The engine the integer resolutions run on now (None: none runs on int8)."""
+        return next(iter(self.integer.values())).engine if self.integer else None
+
+    def use_engine(self, engine: str) -> None:
+        """Serve every integer resolution on `engine` from now on (packs the weights again; call it in
+        the thread that runs the passes)."""
+        if self._int8_source is None or engine == self.int8_engine:
+            return
+        model, grid, usable = self._int8_source
+        for i in usable:
+            self.integer[i] = int8.IntResolution(model, self.plan.planes[i], grid, engine)
+        self.kernels = [f"int8/{engine}" if i in self.integer else "float32" for i in range(self.plan.resolutions)]
+        self.engine_choice = {**self.engine_choice, "engine": engine, "rechecked": True}
+        logger.info("int8 engine now %s (re-timed when idle)", engine)
 
     def _truncate_pair(self, w: torch.Tensor, b: torch.Tensor, planes: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (

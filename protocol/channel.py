@@ -59,6 +59,9 @@ class Submit(msgspec.Struct, array_like=True, tag=2):
     final_only: bool  # only the float32 resolution (nobody reads the coarse ones)
     stop_margin: float | None  # stop at a coarse resolution once every row is this confident
     time_left_ms: float | None  # the request's deadline, as time left when the frame was sent
+    # Every coarse resolution from `start`, even those the worker measured no cheaper than float32
+    # (which it otherwise skips: issue 31). Last and defaulted: an older peer omits it.
+    coarse: bool = False
 
 
 class Work(msgspec.Struct, array_like=True, tag=3):
@@ -81,6 +84,9 @@ class Welcome(msgspec.Struct, array_like=True, tag=11):
     # Its warm-up before it said ready, per model in `models` order: the fastest batch-1 ms of each
     # resolution (the gateway's first patience for it). Last and defaulted: an older peer omits it.
     warm_ms: list[list[float]] = msgspec.field(default_factory=list)
+    # Per model in `models` order: which resolutions it serves and why, measured on its machine
+    # (workers/costs.py `report`: live, cost ratios at batch 1 and the typical batch, reasons).
+    resolutions: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
 class Refuse(msgspec.Struct, array_like=True, tag=12):
@@ -97,6 +103,7 @@ class Result(msgspec.Struct, array_like=True, tag=13):
     stopped: bool  # confident at this coarse resolution: the call's last result (stop_margin)
     rows: int
     classes: int  # values per row (the gateway refuses a result whose width is not its class count)
+    slower: bool = False  # a coarse resolution asked for explicitly that costs no less than float32
 
 
 class Failure(msgspec.Struct, array_like=True, tag=14):
@@ -114,6 +121,9 @@ class Pong(msgspec.Struct, array_like=True, tag=16):
     seq: int
     ready: bool  # False while the worker drains (SIGTERM): send it nothing new
     reason: str
+    # The worker's `Welcome.resolutions` again, when they have changed since its last Pong (idle
+    # re-timing); None when unchanged.
+    resolutions: list[dict[str, Any]] | None = None
 
 
 ToWorker = Hello | Work | Ping

@@ -11,12 +11,20 @@ it; `expires`: the deadline the gateway sent with it has passed), and with `stop
 whose every row's top-1 minus top-2 probability exceeds the margin at a coarse resolution stops
 there (its last result says `stopped`): the work counter stops rising. Every result of a step
 reaches the event loop at once (`on_results`), so the channel answers one frame per step.
+
+Only live resolutions are computed (workers/costs.py, issue 31): a coarse resolution measured no
+cheaper than the float32 pass is skipped, so a refining request starts at the next live one (the
+float32 pass when none is) and never stops at one that is not live; a job that asked for coarse
+resolutions explicitly (`coarse`) still gets every one, marked `slower` where it was not live. While
+the batcher is idle it times one pass at a time (`probe_idle_s` after the last work), keeping the
+costs current; a request waits behind at most that one pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 
 from models.refine import RefinementEngine
+from workers.costs import ResolutionCosts
 
 logger = logging.getLogger(__name__)
 WARM_ROUNDS = 3  # passes per resolution and batch size before the worker says it is ready
@@ -40,6 +49,7 @@ class Result:
     probs: np.ndarray  # (B, C) float32
     final: bool
     stopped: bool = False  # the request's last result: confident at this coarse resolution (stop_margin)
+    slower: bool = False  # a coarse resolution computed because the job asked for it, though not live
 
 
 @dataclass(eq=False)
@@ -55,6 +65,7 @@ class Job:
     next_index: int = -1  # the resolution of its next step (set on submit)
     arrived: float = 0.0  # time.monotonic() of submit: the first step's wait for company counts from here
     done: bool = False  # left the batcher: its last result given, or dropped
+    coarse: bool = False  # asked for every coarse resolution explicitly, live or not
 
     @property
     def rows(self) -> int:
@@ -86,6 +97,10 @@ class Batcher:
         on_cpu: Callable[[float], None] = lambda seconds: None,
         on_dropped: Callable[[Job], None] = lambda job: None,
         threaded: bool = True,
+        measured: bool = True,
+        probe_idle_s: float = 0.05,
+        probe_every_s: float = 2.0,
+        pass_delay: dict[int, float] | None = None,
     ) -> None:
         self.engine = engine
         self.on_results = on_results
@@ -103,10 +118,24 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self.outstanding = 0  # submitted and not yet done
         self.compute_s = 0.0  # CPU seconds of the compute thread in forward steps (thread time)
+        self.sizes = sorted({1, *(1 << p for p in range(max_batch.bit_length()) if 1 << p <= max_batch)})
+        self.costs = ResolutionCosts(engine.kernels, self.sizes, measured)
+        self.on_costs: Callable[[], None] = lambda: None  # the live resolutions or their ratios changed
+        # Idle timing passes: the first after a random part of `probe_every_s` (workers started
+        # together do not time each other's passes), then `probe_idle_s` after the last work until
+        # every (resolution, batch) has its window of timings, then every `probe_every_s`.
+        self.probe_idle_s, self.probe_every_s = probe_idle_s, probe_every_s
+        self._probe_not_before = time.monotonic() + random.uniform(0, probe_every_s)
+        self.pass_delay = pass_delay or {}  # fault injection: a slow kernel, seconds added to each pass
+        self._sample: torch.Tensor | None = None  # rows the timing passes run on (set by warm_up)
+        self._engines: list[str] = []  # int8 engines re-timed when idle (several reproduce the reference)
 
     def submit(self, job: Job) -> None:
         self.outstanding += 1
-        job.next_index = self.engine.plan.resolutions - 1 if job.final_only else job.start
+        if job.final_only:
+            job.next_index = self.engine.plan.resolutions - 1
+        else:
+            job.next_index = job.start if job.coarse else self.costs.first_live[job.start]
         job.arrived = time.monotonic()
         self._first.append(job)
         self._wake.set()
@@ -127,25 +156,88 @@ class Batcher:
         `sample`, repeated as needed), `rounds` times each, in the thread that will serve them (an
         int8 resolution's first pass on a new thread costs 50-60 ms, measured on 2 cores: a cold
         first call ran past the gateway's first patience). Returns each resolution's fastest
-        batch-1 time in milliseconds (forward and softmax, as a step computes it). Blocking: call it
-        before `start`, off the event loop."""
-        sizes = sorted({1, *(1 << p for p in range(self.max_batch.bit_length()) if 1 << p <= self.max_batch)})
+        batch-1 time in milliseconds (forward and softmax, as a step computes it). Every timing is
+        also the first of the resolution costs (workers/costs.py), which decide what is live until
+        the idle timing passes replace them. Blocking: call it before `start`, off the event loop."""
         rows = sample.repeat((self.max_batch + len(sample) - 1) // len(sample), *([1] * (sample.dim() - 1)))
+        self._sample = rows[: self.max_batch]
 
         def run() -> list[float]:
+            if self.engine.engine_choice.get("measured_ms"):  # "auto": the choice is re-timed when idle
+                self._engines = list(self.engine.int8_candidates(rows[:4]))
             best = []
             for index in range(self.engine.plan.resolutions):
                 times = []
-                for size in sizes:
-                    for _ in range(rounds):
-                        started = time.perf_counter()
-                        torch.softmax(self.engine.forward(rows[:size], index), dim=1).numpy()
+                for size in self.sizes:
+                    for round_ in range(rounds):
+                        ms = self._timed(index, size)
+                        if round_:  # the first pass of a size is cold: not a cost
+                            self.costs.record((index, size), ms)
                         if size == 1:
-                            times.append(time.perf_counter() - started)
-                best.append(round(min(times) * 1000, 3))
+                            times.append(ms)
+                best.append(round(min(times), 3))
+            self.costs.decide()
             return best
 
         return run() if self.executor is None else self.executor.submit(run).result()
+
+    def _forward(self, images: torch.Tensor, index: int) -> torch.Tensor:
+        """Probabilities of one resolution: the pass a step and a timing pass both run."""
+        if self.pass_delay:
+            time.sleep(self.pass_delay.get(index, 0.0))  # fault injection: this kernel is slower
+        return torch.softmax(self.engine.forward(images, index), dim=1)
+
+    def _timed(self, key: int | str, size: int) -> float:
+        """Milliseconds of one pass of a resolution (or of an int8 engine's first integer
+        resolution) at `size` rows, in the calling thread: the compute thread."""
+        assert self._sample is not None
+        images = self._sample[:size]
+        started = time.perf_counter()
+        if isinstance(key, str):
+            self.engine.int8_candidates(images)[key].forward(images)
+        else:
+            self._forward(images, key).numpy()
+        return (time.perf_counter() - started) * 1000
+
+    def _probe(self) -> bool:
+        """One timing pass (in the compute thread) and what it changes; True if the report changed.
+        An int8 engine measurably faster than the current one takes over here."""
+        probe = self.costs.next_probe(self._engines if len(self._engines) > 1 else [])
+        ms = self._timed(*probe)
+        if isinstance(probe[0], str):
+            self.costs.record_engine(probe[0], ms)
+            faster = self.costs.faster_engine(self.engine.int8_engine)
+            if faster is not None:
+                self.engine.use_engine(faster)
+                self.costs.kernels = list(self.engine.kernels)
+                self.costs.forget(sorted(self.engine.integer))
+        else:
+            self.costs.record(probe, ms)
+        return self.costs.decide()
+
+    def _probe_due_s(self) -> float:
+        """Seconds of idleness before the next timing pass."""
+        filling = any(len(s) < s.maxlen for s in self.costs.samples.values() if s.maxlen)
+        wait = self.probe_idle_s if filling else self.probe_every_s
+        return max(wait, self._probe_not_before - time.monotonic())
+
+    async def _idle(self) -> None:
+        """Wait for work; while none comes, time one pass at a time (a job that arrives meanwhile
+        waits for that pass only)."""
+        loop = asyncio.get_running_loop()
+        while self._sample is not None and self.probe_every_s > 0:
+            timer = loop.call_later(self._probe_due_s(), self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
+            if self._first or self._refine:
+                return
+            self._wake.clear()
+            changed = self._probe() if self.executor is None else await loop.run_in_executor(self.executor, self._probe)
+            if changed:
+                self.on_costs()
+            if self._first or self._refine:
+                return
+        await self._wake.wait()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
@@ -209,7 +301,7 @@ class Batcher:
                 index = min(job.next_index for job in self._refine)
                 return index, self._take(self._refine, index, self.max_batch)
             self._wake.clear()
-            await self._wake.wait()
+            await self._idle()
 
     async def _company(self) -> None:
         """Let the oldest first step wait for company: until `wait_s` after it arrived, or full rows."""
@@ -247,11 +339,12 @@ class Batcher:
                 if job.cancelled:
                     self._retire(job)
                     self.on_dropped(job)
+            next_live = self.costs.next_live
             for job, result in results:
                 if result.final or result.stopped:
                     self._retire(job)
                 else:
-                    job.next_index = index + 1
+                    job.next_index = index + 1 if job.coarse else next_live[index]
                     self._refine.append(job)
             if results:
                 self.on_results(results)
@@ -269,19 +362,21 @@ class Batcher:
             return []
         images = torch.cat([job.images for job in live]) if len(live) > 1 else live[0].images
         started = time.thread_time()
-        probs_t = torch.softmax(self.engine.forward(images, index), dim=1)
+        probs_t = self._forward(images, index)
         seconds = time.thread_time() - started
         self.compute_s += seconds
         self.on_cpu(seconds)
         probs = probs_t.numpy()
         self.on_compute(len(images), index)
+        self.costs.observe_rows(len(images))
         results, offset = [], 0
         planes = self.engine.plan.planes_at(index)
+        live_here = self.costs.live[index]  # a coarse answer not cheaper than going on is never a stop
         for job in live:
             mine = probs[offset : offset + job.rows]
             offset += job.rows
-            stopped = index < last and job.stop_margin is not None and _confident(mine, job.stop_margin)
-            results.append((job, Result(index, planes, mine, index == last, stopped)))
+            stopped = live_here and index < last and job.stop_margin is not None and _confident(mine, job.stop_margin)
+            results.append((job, Result(index, planes, mine, index == last, stopped, not live_here)))
         return results
 
     async def _slow_step(self, jobs: list[Job]) -> None:

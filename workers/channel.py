@@ -117,6 +117,7 @@ class Connection(asyncio.Protocol):
         self.held: dict[int, list[tuple[Result, bytes]]] = {}  # results held back by a fault delay
         self.outbox = Outbox(Step, self._send)
         self.hello_timer: asyncio.TimerHandle | None = None
+        self.costs_version = 0  # the resolution report's versions this gateway has been told
 
     # connection events ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,9 +169,8 @@ class Connection(asyncio.Protocol):
         elif isinstance(message, Work):
             self._work(message, payload)
         elif isinstance(message, Ping):
-            self._send(
-                Pong(message.seq, not self.worker.drain.is_set(), "draining" if self.worker.drain.is_set() else "")
-            )
+            draining = self.worker.drain.is_set()
+            self._send(Pong(message.seq, not draining, "draining" if draining else "", self._resolutions_changed()))
         else:
             raise FrameError(f"unexpected {type(message).__name__}")
 
@@ -200,8 +200,19 @@ class Connection(asyncio.Protocol):
                 spec.classes,
                 self.worker.settings.max_request_batch,
                 [served.warm_ms for served in self.worker.models.values()],
+                self._resolutions(),
             )
         )
+
+    def _resolutions(self) -> list[dict[str, Any]]:
+        self.costs_version = sum(served.batcher.costs.version for served in self.models)
+        return [served.batcher.costs.report() for served in self.models]
+
+    def _resolutions_changed(self) -> list[dict[str, Any]] | None:
+        """The resolution report when it has changed since this connection last had it."""
+        if sum(served.batcher.costs.version for served in self.models) == self.costs_version:
+            return None
+        return self._resolutions()
 
     def _work(self, work: Work, payload: memoryview) -> None:
         images = tensors(payload, [(s.rows, self.worker.spec.input.size) for s in work.submits]) if work.submits else []
@@ -230,7 +241,16 @@ class Connection(asyncio.Protocol):
         served = self.models[submit.model]
         images = torch.from_numpy(rows.reshape(submit.rows, *self.worker.spec.input.shape).copy())
         expires = None if submit.time_left_ms is None else time.monotonic() + submit.time_left_ms / 1000
-        job = Job(images, submit.start, submit.final_only, submit.stop_margin, expires, self, submit.call)
+        job = Job(
+            images,
+            submit.start,
+            submit.final_only,
+            submit.stop_margin,
+            expires,
+            self,
+            submit.call,
+            coarse=submit.coarse,
+        )
         self.calls[submit.call] = job
         self.metrics.in_flight.inc()
         served.batcher.submit(job)
@@ -275,7 +295,16 @@ class Connection(asyncio.Protocol):
             self._end(call, "garbage")
             self._garbage(call, result, kind)
             return
-        entry = Result(call, result.index, result.planes, result.final, result.stopped, job.rows, result.probs.shape[1])
+        entry = Result(
+            call,
+            result.index,
+            result.planes,
+            result.final,
+            result.stopped,
+            job.rows,
+            result.probs.shape[1],
+            result.slower,
+        )
         data = np.ascontiguousarray(result.probs, dtype=FLOAT).tobytes()
         delay = self._delay_s(call)
         if last:

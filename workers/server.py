@@ -109,6 +109,7 @@ def _routes(app: FastAPI, settings: WorkerSettings, drain: threading.Event) -> N
                     "kernels": served.engine.kernels,
                     "int8_engine": served.engine.engine_choice or None,
                     "warm_batch_1_ms": served.warm_ms,
+                    "resolutions": served.batcher.costs.report(),
                     "identity": worker.identity,
                     "labels": list(worker.spec.labels),
                     "channel_port": settings.channel,

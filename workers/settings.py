@@ -20,6 +20,12 @@ class FaultSettings(BaseSettings):
     step_delay_ms: float = Field(
         0.0, ge=0, description="a slow model: extra compute time before every resolution after the first"
     )
+    slow_resolution: str | None = Field(
+        None,
+        pattern=r"^\d+:\d+(\.\d+)?(,\d+:\d+(\.\d+)?)*$",
+        description="a slow kernel: RESOLUTION:MS[,...] adds MS to every pass of that resolution, timed like any "
+        "pass (so the worker's resolution costs see it)",
+    )
     pause_every_s: float = Field(0.0, ge=0, description="start a pause window this often (0: never)")
     pause_s: float = Field(0.0, ge=0, description="length of each pause window: replies are held")
     error_rate: float = Field(0.0, ge=0, le=1, description="fraction of requests answered with HTTP 500")
@@ -30,6 +36,11 @@ class FaultSettings(BaseSettings):
     @property
     def enabled(self) -> bool:
         return bool(self.delay or self.step_delay_ms or self.pause_every_s or self.error_rate or self.garbage_rate)
+
+    def pass_delay_s(self) -> dict[int, float]:
+        """`slow_resolution` as {resolution: seconds added to each of its passes}."""
+        pairs = (item.split(":") for item in (self.slow_resolution or "").split(",") if item)
+        return {int(index): float(ms) / 1000 for index, ms in pairs}
 
 
 class WorkerSettings(BaseSettings):
@@ -56,6 +67,19 @@ class WorkerSettings(BaseSettings):
         pattern="^(auto|x86|onednn|fbgemm)$",
         description="PyTorch int8 engine of the integer coarse resolutions: auto (the fastest of those that "
         "reproduce the integer reference, measured at start and logged), x86, onednn or fbgemm",
+    )
+    coarse: str = Field(
+        "measured",
+        pattern="^(measured|always)$",
+        description="which coarse resolutions are served: measured (only those whose measured cost is below the "
+        "float32 pass's by more than the timing noise; the others are skipped unless a request asks for coarse "
+        "answers: docs/refinement.md) or always (every one, whatever it costs)",
+    )
+    probe_idle_ms: float = Field(
+        50.0, gt=0, description="idle time before a timing pass while the resolution costs are still being measured"
+    )
+    probe_every_s: float = Field(
+        2.0, ge=0, description="once measured, time one pass this often while idle (0: never re-time)"
     )
     nice: int = Field(
         10,

@@ -137,9 +137,13 @@ def _serve_model(
         step_delay_s=settings.faults.step_delay_ms / 1000,
         on_cpu=metrics.compute.inc,
         on_dropped=dispatch.dropped,
+        measured=settings.coarse == "measured",
+        probe_idle_s=settings.probe_idle_ms / 1000,
+        probe_every_s=settings.probe_every_s,
+        pass_delay=settings.faults.pass_delay_s(),
     )
     warm_ms = batcher.warm_up(sample)  # in the compute thread, before readiness: no cold first call
-    logger.info("%s: warm; batch-1 ms per resolution %s", name, warm_ms)
+    logger.info("%s: warm; batch-1 ms per resolution %s; %s", name, warm_ms, batcher.costs.reasons)
     return Served(name, bundle.entry(name), engine, batcher, warm_ms)
 
 

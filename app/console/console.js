@@ -571,6 +571,7 @@ function renderStatus(status) {
       list.append(dt, dd);
     }
     card.append(list);
+    if (r.resolutions && r.resolutions.live) card.append(resolutionsTable(r.resolutions));
     cards.push(card);
   }
   box.replaceChildren(...cards);
@@ -582,6 +583,36 @@ function renderStatus(status) {
     `${count(status.finals)} answered, ${count(status.approximate_finals)} of them approximate · ` +
     `each replica checked every ${status.health.interval_s} s: one that stops answering is shown down ` +
     `within ${fmt(status.health.window_s)} s`;
+}
+
+// Which resolutions the replica's worker serves, as it measured them on its machine (issue 31): a
+// coarse one costing no less than float32 is skipped, and the reason says by how much.
+function resolutionsTable(res) {
+  const table = document.createElement("table");
+  table.className = "resolutions";
+  table.dataset.testid = "replica-resolutions";
+  const head = document.createElement("tr");
+  for (const name of ["resolution", "kernel", "cost at batch 1", `at batch ${res.typical_batch}`, "served"]) {
+    const th = document.createElement("th");
+    th.textContent = name;
+    head.append(th);
+  }
+  table.append(head);
+  const ratio = (x) => (x === null || x === undefined ? "?" : `${x.toFixed(2)}×`);
+  res.kernels.forEach((kernel, i) => {
+    const tr = document.createElement("tr");
+    const live = res.live.includes(i);
+    const cells = [String(i), kernel, ratio(res.batch_1[i]), ratio(res.typical[i]), live ? "yes" : "skipped"];
+    for (const text of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    tr.title = res.reasons[i] || "";
+    if (!live) tr.className = "skipped";
+    table.append(tr);
+  });
+  return table;
 }
 
 let polling = false;

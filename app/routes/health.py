@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import GatewayDep, GroupDep
 from app.redis_store import RedisStore
+from app.status import refinement
 
 router = APIRouter()
 
@@ -63,6 +64,7 @@ async def models(gw: GatewayDep) -> dict[str, Any]:
 def _metadata(gw: GroupDep) -> dict[str, Any]:
     meta = gw.group.metadata()
     meta["parameters"]["replicas_ready"] = dict(gw.health.ready)
+    meta["parameters"]["refinement"] = refinement(gw)  # live resolutions per replica, as measured (issue 31)
     return meta
 
 

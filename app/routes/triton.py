@@ -13,6 +13,7 @@ from app.deps import GatewayDep, GroupDep
 from app.errors import BadRequestError
 from app.modelconfig import model_config
 from app.state import Gateway
+from app.status import refinement
 
 router = APIRouter()
 
@@ -33,7 +34,7 @@ _REFUSED: dict[int | str, dict[str, Any]] = {400: {"description": "models are lo
 
 
 def config_of(gw: Gateway) -> dict[str, Any]:
-    return model_config(gw.group, gw.settings.max_batch)
+    return model_config(gw.group, gw.settings.max_batch, refinement(gw))
 
 
 def statistics_of(gw: Gateway) -> dict[str, Any]:
