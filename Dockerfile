@@ -2,14 +2,29 @@
 # read-only root filesystem. The default bundle is trained at build time from the Debian dataset
 # package, so nothing is downloaded at run time.
 #   docker build -t coinserve .
-#   docker run --rm -p 8000:8000 -p 8001:8001 coinserve up --port 8000      (everything in one container, for a try;
-#   8001 is the gRPC endpoint)
+#   docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 coinserve up --host 0.0.0.0 --port 8000
+#   (everything in one container, for a try; 8001 is the gRPC endpoint)
+# Build arguments, for machines that reach no registry or only a package mirror (docs/containers.md;
+# `./dev.sh image` sets them from this machine's pip configuration and builds with podman):
+#   BASE_IMAGE       both stages' base: a Debian 12 with python3 (3.11) and python3-venv
+#   TORCH_INDEX_URL  where the CPU wheel of torch comes from
+#   PIP_INDEX_URL, PIP_FIND_LINKS, PIP_CERT   pip's own settings for the build steps (paths inside
+#                    the build, e.g. folders bind-mounted with `podman build -v HOST:/mnt/pip:ro`)
+#   BUNDLE_SOURCE    train (default: train the default bundle here, ~8 min on one core) or context
+#                    (copy bundles/default from the build context: one `coinserve train` made earlier)
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BUNDLE_SOURCE=train
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG PIP_FIND_LINKS=""
+ARG PIP_CERT=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends dataset-fashion-mnist=0.0~git20200523.55506a9-1 \
- && rm -rf /var/lib/apt/lists/*
+# pip reads PIP_INDEX_URL, PIP_FIND_LINKS and PIP_CERT from the environment (build arguments are).
+# torch first, before the sources: an edit to them leaves this layer cached
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app app
@@ -17,19 +32,29 @@ COPY models models
 COPY workers workers
 COPY protocol protocol
 COPY bench bench
-# The CPU wheel of torch comes from PyTorch's own index; the rest from PyPI.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install .
+
+FROM build AS bundle-train
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist=0.0~git20200523.55506a9-1 \
+ && rm -rf /var/lib/apt/lists/*
 RUN /opt/venv/bin/coinserve train --out /opt/coinserve/bundle \
  && /opt/venv/bin/coinserve code --bundle /opt/coinserve/bundle \
  && chmod -R a+rX /opt/coinserve
 
-FROM python:3.11-slim-bookworm AS runtime
+FROM build AS bundle-context
+# The workers check every file's sha256 against the manifest when they load it.
+COPY bundles/default /opt/coinserve/bundle
+RUN chmod -R a+rX /opt/coinserve
+
+# hadolint ignore=DL3006
+FROM bundle-${BUNDLE_SOURCE} AS bundle
+
+FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 coinserve \
  && useradd --system --uid 10001 --gid coinserve --no-create-home --shell /usr/sbin/nologin coinserve
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/coinserve/bundle /opt/coinserve/bundle
+COPY --from=bundle /opt/coinserve/bundle /opt/coinserve/bundle
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

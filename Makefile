@@ -5,11 +5,11 @@ PY := .venv/bin/python
 install:
 	./dev.sh setup
 lint:
-	$(PY) -m ruff format app models workers bench tests
-	$(PY) -m ruff check --fix app models workers bench tests
+	$(PY) -m ruff format app models workers bench tests deploy
+	$(PY) -m ruff check --fix app models workers bench tests deploy
 check:
-	$(PY) -m ruff format --check app models workers bench tests
-	$(PY) -m ruff check app models workers bench tests
+	$(PY) -m ruff format --check app models workers bench tests deploy
+	$(PY) -m ruff check app models workers bench tests deploy
 	$(PY) -m mypy app workers models
 test:
 	./dev.sh test

@@ -2,6 +2,8 @@
 # The README's two commands on a fresh Debian machine:
 #   ./dev.sh up     set everything up, then run the service (training the default bundle first if missing)
 #   ./dev.sh test   set everything up, then run the test suite
+#   ./dev.sh image        build the container image localhost/coinserve:dev with podman (docs/containers.md)
+#   ./dev.sh test-image   build it, run it as the manifests do and check that it answers (deploy/podman/check.py)
 # Set-up is idempotent: a Python virtual environment in .venv with the project installed,
 # and the Fashion-MNIST dataset (Debian package dataset-fashion-mnist, or $COINSERVE_DATA).
 set -euo pipefail
@@ -61,9 +63,100 @@ ensure_redis() {
 
 setup() { ensure_python; ensure_dataset; ensure_venv; }
 
+# ---- the container image (issue 30): podman as root, configured for VMs like the reference machine ----
+PODMAN_DIR=${COINSERVE_PODMAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/coinserve/podman}
+IMAGE=${COINSERVE_IMAGE:-localhost/coinserve:dev}
+DEBIAN_BASE=localhost/coinserve-base:bookworm
+OFFICIAL_BASE=docker.io/library/python:3.11-slim-bookworm
+
+_stage_t0=0
+stage() { _stage_t0=$SECONDS; say "$*"; }
+stage_done() { say "$1: $((SECONDS - _stage_t0)) s"; }
+
+# crun 1.8 refuses a hybrid cgroup layout (runc works), and such VMs refuse to raise hard limits, so
+# podman's default ulimits fail; storage and config live in the cache, apart from the machine's own.
+ensure_podman() {
+  local missing=() pair
+  for pair in podman:podman buildah:buildah runc:runc mmdebstrap:mmdebstrap newuidmap:uidmap fuse-overlayfs:fuse-overlayfs; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+  is_root || die "the image is built with podman as root: run sudo ./dev.sh $1"
+  mkdir -p "$PODMAN_DIR"
+  printf '%s\n' '[containers]' 'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]' \
+    '[engine]' 'runtime = "runc"' > "$PODMAN_DIR/containers.conf"
+  printf '%s\n' '[storage]' 'driver = "overlay"' "runroot = \"$PODMAN_DIR/run\"" \
+    "graphroot = \"$PODMAN_DIR/storage\"" > "$PODMAN_DIR/storage.conf"
+  export CONTAINERS_CONF=$PODMAN_DIR/containers.conf CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf
+}
+
+# The official python image when a registry answers, else the same Debian 12 made from Debian's packages
+# (with this machine's apt sources). Prints the image's name.
+base_image() {
+  local image rootfs
+  if [ -n "${COINSERVE_BASE_IMAGE:-}" ]; then echo "$COINSERVE_BASE_IMAGE"; return; fi
+  for image in "$OFFICIAL_BASE" "$DEBIAN_BASE"; do
+    if podman image exists "$image"; then echo "$image"; return; fi
+  done
+  stage "pulling $OFFICIAL_BASE"
+  if timeout 60 podman pull -q "$OFFICIAL_BASE" >/dev/null 2>&1; then
+    stage_done "base image pulled"; echo "$OFFICIAL_BASE"; return
+  fi
+  say "no registry answers ($((SECONDS - _stage_t0)) s)"
+  stage "making $DEBIAN_BASE from Debian packages (mmdebstrap, this machine's apt sources)"
+  rootfs=$(mktemp -d)
+  mmdebstrap --quiet --variant=minbase \
+    --include=python3,python3-venv,python-is-python3,ca-certificates,netbase,passwd bookworm "$rootfs/rootfs.tar" >&2
+  podman import --quiet --change 'CMD ["python3"]' "$rootfs/rootfs.tar" "$DEBIAN_BASE" >/dev/null
+  rm -rf "$rootfs"
+  stage_done "base image made"
+  echo "$DEBIAN_BASE"
+}
+
+pip_setting() {  # $1: pip's environment variable, $2: its key in pip's configuration
+  if [ -n "${!1:-}" ]; then echo "${!1}"; else python3 -m pip config get "global.$2" 2>/dev/null || true; fi
+}
+
+# This machine's pip settings (a local folder of wheels, a proxy's CA bundle, a mirror) become the
+# build's, bind-mounted for the build steps only: nothing of them stays in the image. One word a line.
+pip_build_args() {
+  local cert index dir i=0 links=()
+  cert=$(pip_setting PIP_CERT cert)
+  index=$(pip_setting PIP_INDEX_URL index-url)
+  if [ -f "$cert" ]; then printf '%s\n' -v "$cert:/mnt/pip/ca.pem:ro" --build-arg PIP_CERT=/mnt/pip/ca.pem; fi
+  if [ -n "$index" ]; then printf '%s\n' --build-arg "PIP_INDEX_URL=$index"; fi
+  for dir in $(pip_setting PIP_FIND_LINKS find-links); do
+    [ -d "$dir" ] || continue
+    printf '%s\n' -v "$dir:/mnt/pip/links-$i:ro"
+    links+=("/mnt/pip/links-$i")
+    i=$((i + 1))
+    # the CPU wheel of torch is in that folder: take it there rather than from PyTorch's index
+    if compgen -G "$dir/torch-2.13.0+cpu-*.whl" >/dev/null; then
+      printf '%s\n' --build-arg "TORCH_INDEX_URL=${index:-https://pypi.org/simple}"
+    fi
+  done
+  if [ ${#links[@]} -gt 0 ]; then printf '%s\n' --build-arg "PIP_FIND_LINKS=${links[*]}"; fi
+}
+
+build_image() {
+  ensure_podman image
+  local base source=train args=()
+  base=$(base_image)
+  # a bundle trained here already (./dev.sh up) saves the build its ~8 minutes of training;
+  # COINSERVE_IMAGE_TRAIN=1 trains in the build as a plain `docker build .` does
+  if [ -f bundles/default/manifest.json ] && [ -z "${COINSERVE_IMAGE_TRAIN:-}" ]; then source=context; fi
+  mapfile -t args < <(pip_build_args)
+  stage "building $IMAGE (base $base, bundle: $source; log: $PODMAN_DIR/build.log)"
+  podman build --layers --build-arg BASE_IMAGE="$base" --build-arg BUNDLE_SOURCE="$source" "${args[@]}" \
+    -t "$IMAGE" . > "$PODMAN_DIR/build.log" 2>&1 || { tail -n 30 "$PODMAN_DIR/build.log" >&2; die "podman build failed (log: $PODMAN_DIR/build.log)"; }
+  stage_done "image built"
+}
+
 case "${1:-}" in
   up)    shift; setup; exec "$VENV/bin/coinserve" up "$@" ;;
   test)  shift; setup; ensure_browser; ensure_redis; exec "$VENV/bin/python" -m pytest "$@" ;;
   setup) setup ;;
-  *)     echo "usage: ./dev.sh up [coinserve up flags] | ./dev.sh test [pytest args] | ./dev.sh setup" >&2; exit 2 ;;
+  image) build_image ;;
+  test-image) shift; setup; build_image; exec "$VENV/bin/python" deploy/podman/check.py --image "$IMAGE" "$@" ;;
+  *)     echo "usage: ./dev.sh up [coinserve up flags] | ./dev.sh test [pytest args] | ./dev.sh setup | ./dev.sh image | ./dev.sh test-image" >&2; exit 2 ;;
 esac

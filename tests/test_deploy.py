@@ -217,7 +217,10 @@ def test_dockerfile_runs_as_non_root_and_bakes_the_bundle():
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001:10001" in text
     assert "coinserve train --out /opt/coinserve/bundle" in text
-    assert text.count("FROM ") == 2  # build and runtime stages
+    # build, the bundle trained or copied from the context, runtime (issue 30)
+    stages = re.findall(r"^FROM \S+ AS (\S+)$", text, flags=re.M)
+    assert stages == ["build", "bundle-train", "bundle-context", "bundle", "runtime"]
+    assert text.rstrip().splitlines()[-1].startswith("CMD") and stages[-1] == "runtime"  # the image's stage
 
 
 @needs_kubectl
