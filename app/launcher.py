@@ -24,9 +24,12 @@ from pathlib import Path
 
 import httpx
 
+from app import zygote
 from app.group import served_coded_method
+from app.zygote import ForkedProcess
 
 logger = logging.getLogger(__name__)
+Process = subprocess.Popen[bytes] | ForkedProcess  # a fresh interpreter, or a worker forked by the zygote
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,7 +44,7 @@ class Child:
 
     name: str
     port: int
-    process: subprocess.Popen[bytes]
+    process: Process
     args: list[str] | None = None
     env: dict[str, str] | None = None
     log_dir: Path | None = None
@@ -85,13 +88,20 @@ class Cluster:
 
 
 def spawn(name: str, port: int, args: list[str], env: dict[str, str], log_dir: Path | None = None) -> Child:
-    """Start `coinserve ARGS`; its output goes to ours, or appends to LOG_DIR/NAME.log."""
+    """Start `coinserve ARGS`; its output goes to ours, or appends to LOG_DIR/NAME.log. A worker is
+    forked from this process's zygote (app/zygote.py: the imports done once), anything else, or
+    every process with COINSERVE_FORK_WORKERS=0, is a fresh interpreter."""
     command = [sys.executable, "-m", "app.cli", *args]
+    forked = args[:1] == ["worker"] and zygote.forking()
     if log_dir is None:
-        return Child(name, port, subprocess.Popen(command, env=env), args, env, log_dir)
+        process: Process = zygote.zygote().spawn(args, env) if forked else subprocess.Popen(command, env=env)
+        return Child(name, port, process, args, env, log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if forked:
+            process = zygote.zygote().spawn(args, env, log.fileno())
+        else:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         return Child(name, port, process, args, env, log_dir)
 
 
@@ -275,7 +285,8 @@ class Supervisor:
         backoff = self._backoff.setdefault(child.name, self._new_backoff())
         delay = backoff.delay_s(now - child.started_s)
         self._due_s[child.name] = now + delay
-        how = describe_exit(child.process.returncode)
+        code = child.process.poll()  # _bury is called once poll() has seen the end
+        how = describe_exit(code if code is not None else 0)
         logger.warning("%s (pid %d) %s; restarting in %g s", child.name, child.process.pid, how, delay)
 
     def _restart(self, index: int, child: Child) -> None:

@@ -67,10 +67,15 @@ class Up:
         raise AssertionError(f"no line matching {pattern!r} within {timeout_s} s; last output:\n{tail}")
 
     def children(self) -> dict[str, int]:
-        """{'member-0': pid, ..., 'gateway': pid}: the live children, found as `ps` would find them."""
+        """{'member-0': pid, ..., 'gateway': pid}: the live children, found as `ps` would find them
+        (workers are forked by `up`'s zygote, app/zygote.py: its children, with their own command line)."""
         found = {}
-        for pid, ppid, argv in processes():
-            if ppid == self.process.pid and "app.cli" in argv:
+        listed = list(processes())
+        parents = {self.process.pid} | {
+            pid for pid, ppid, argv in listed if ppid == self.process.pid and "app.zygote" in argv
+        }
+        for pid, ppid, argv in listed:
+            if ppid in parents and "app.cli" in argv:
                 name = argv[argv.index("--model") + 1] if "--model" in argv else argv[argv.index("app.cli") + 1]
                 found[name] = pid
         self.seen_pids.update(found.values())
@@ -87,7 +92,9 @@ def processes() -> Iterator[tuple[int, int, list[str]]]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            argv = [a for a in (entry / "cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+            if len(argv) == 1:  # a title set by setproctitle (a forked worker): one string, as ps shows it
+                argv = argv[0].split()
         except OSError:  # it ended while we looked
             continue
         if stat.rpartition(")")[2].split()[0] == "Z":
