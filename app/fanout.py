@@ -78,6 +78,10 @@ class Fanout:
         # needs once its hold ends. Starts small: a held call is seldom sent.
         self.coded_latency = LatencyTracker(quantile=0.1, initial_s=CODED_INITIAL_S)
         self._errors: dict[tuple[str, str], Any] = {}
+        # Replicas that serve a coarse resolution (measured cheaper than float32, issue 31); until
+        # a replica reports, it is assumed to. None serving one: a stream's answers are all finals.
+        self._coarse_live: dict[str, bool] = {}
+        self.coarse_served = True
         replicas.on_welcome = self._welcomed
         replicas.on_resolutions = self._resolutions
 
@@ -95,6 +99,8 @@ class Fanout:
         if report is None:
             return
         live = set(report.get("live", ()))
+        self._coarse_live[name] = any(index in live for index in range(self.group.resolutions - 1))
+        self.coarse_served = any(self._coarse_live.get(n, True) for n in (*self.group.members, *self.group.coded))
         for index, ratio in enumerate(report.get("typical", ())):
             if ratio is not None:
                 self.metrics.resolution_cost_ratio.labels(name, str(index)).set(ratio)
@@ -225,8 +231,10 @@ class Run:
         whose members all answer sooner never sends it, and no worker computes it (issue 27:
         redundancy that costs nothing when it is not needed). The price is paid only by a request
         with a late member: its decoded answer comes the coded replica's latency less that lead
-        after the patience. Not for streams (their early decoded answers are read), nor under the
-        eager policy, and one call in PROBE_EVERY goes at once to keep the coded replicas' latency
+        after the patience. Not for streams while coarse answers are served (their early decoded
+        coarse answers are read; with no replica serving a coarse resolution, issue 31, a stream's
+        answers are finals and its coded call is held as a plain call's), nor under the eager
+        policy, and one call in PROBE_EVERY goes at once to keep the coded replicas' latency
         measured.
 
         Measured (docs/serving.md): held to the patience less the coded replica's median latency,
@@ -234,7 +242,7 @@ class Run:
         of CPU per request at saturation (closed loop: members' latency is long and varied there,
         so many requests outlived the hold)."""
         fanout = self.fanout
-        if not fanout.patient or self.options.stream:
+        if not fanout.patient or (self.options.stream and (self.options.coarse or fanout.coarse_served)):
             return 0.0
         fanout.coded_calls += 1
         if fanout.coded_calls % PROBE_EVERY == 0:

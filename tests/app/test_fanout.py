@@ -391,3 +391,24 @@ def test_a_members_first_patience_comes_from_its_warm_up_never_below_the_initial
     for _ in range(50):  # its own calls, once timed, replace the warm-up's word
         fanout.patience.record("m0", 0.002)
     assert fanout.patience.budget_s("m0") == pytest.approx(0.002 + margin)
+
+
+@pytest.mark.anyio
+async def test_a_stream_holds_its_coded_call_when_no_replica_serves_a_coarse_resolution():
+    """Issue 31: every replica reports only its float32 resolution live (its coarse one measured no
+    cheaper), so a stream's answers are all finals: its coded call is held as a plain call's and
+    never sent when the members answer in time. One replica still serving a coarse resolution, or a
+    request asking for coarse answers, sends it at once again."""
+    one_shot = {"m0": ONE_SHOT, "m1": ONE_SHOT, "m2": [(0.01, 1)], "c": ONE_SHOT}
+    for serving, options, called in [
+        (set(), Options(stream=True), False),
+        ({"m1"}, Options(stream=True), True),
+        (set(), Options(stream=True, coarse=True), True),
+    ]:
+        replicas = ScriptedReplicas(dict(one_shot))
+        fanout = _fanout(replicas)
+        for name in [*MEMBERS, "c"]:
+            fanout._resolutions(name, {name: {"live": [0, 1] if name in serving else [1], "typical": []}})
+        update = await execute(fanout, options)
+        assert update.event == "final" and update.decoded_members() == []
+        assert ("c" in [name for name, _ in replicas.calls]) is called, (serving, options)
