@@ -434,9 +434,10 @@ class Run:
                 if idle and not self._ask_final(answers):
                     self._end(self._final(answers, now))  # nothing left that could improve it
                     return
-                update = self._progress(answers)
-                if update is not None and self.on_update is not None:
-                    self.on_update(update)
+                if self.on_update is not None:  # an unread update must not take an event number
+                    update = self._progress(answers)
+                    if update is not None:
+                        self.on_update(update)
             elif idle:
                 self._end(self._failed())
                 return

@@ -233,6 +233,17 @@ async def test_replicas_that_stopped_confident_are_asked_for_float32_when_the_en
 
 
 @pytest.mark.anyio
+async def test_a_plain_call_asked_again_for_float32_ends_with_the_next_event_number():
+    """The same, as a plain JSON call with stop_margin (nobody reads its progress): its final is its
+    first event, seq 1. (Found by bench/stop_margin.py on the wide bundle: the unread progress update
+    took seq 1, the final came as seq 2 and the event log refused it, "event seq 2 does not follow 0":
+    the request failed.)"""
+    script = {**{n: STOPPED for n in [*MEMBERS, "c"]}, **{f"final:{n}": ONE_SHOT for n in MEMBERS}}
+    update = await execute(_fanout(ScriptedReplicas(script)), Options(stop_margin=0.9))
+    assert update.event == "final" and update.seq == 1
+
+
+@pytest.mark.anyio
 async def test_replicas_that_stopped_confident_end_the_request_when_the_ensemble_is_too():
     client = ScriptedReplicas({n: STOPPED for n in [*MEMBERS, "c"]})
     update = await execute(_fanout(client), Options(stop_margin=1e-6, stream=True))
