@@ -145,7 +145,9 @@ def cluster_with_redis(
 def resume_scenario(bundle: Path, requests: int, concurrency: int, lease_s: float, seed: int = 0) -> dict[str, Any]:
     """Must reach 1: posted, followed and resumed across the two gateways."""
     images = load_split("test").images[:requests]
-    bodies = [json_body(images[i : i + 1]) for i in range(requests)]
+    # coarse answers asked for (issue 31): streams of several events to cut and resume, whatever the
+    # workers measure their coarse resolutions to cost on this machine
+    bodies = [json_body(images[i : i + 1], {"coarse": True}) for i in range(requests)]
     with cluster_with_redis(bundle, lease_s) as (_, _, a, b):
         started = time.perf_counter()
         rows = asyncio.run(drive([a.url, b.url], bodies, concurrency, seed))
