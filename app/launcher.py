@@ -16,7 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,10 +34,24 @@ logger = logging.getLogger(__name__)
 Process = subprocess.Popen[bytes] | ForkedProcess  # a fresh interpreter, or a worker forked by the zygote
 
 
+_GIVEN: deque[int] = deque(maxlen=4096)  # ports free_port() handed out lately, in order
+_GIVEN_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now that this process has not handed out lately: the kernel may offer a port
+    again until somebody binds it, and children started together bind theirs only once they have
+    started (two of them given the same port: one dies with "address already in use", seen when a
+    worker's channel port was another worker's HTTP port)."""
+    with _GIVEN_LOCK:
+        for _ in range(64):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+            if port not in _GIVEN:
+                break
+        _GIVEN.append(port)
+        return port
 
 
 @dataclass

@@ -174,3 +174,25 @@ def test_sigterm_ends_supervision_and_stops_the_cluster(supervised):
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
     assert supervisor.run_until_signal() == 0
     assert stopped == [10.0] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_free_port_never_hands_out_a_port_it_gave_lately(monkeypatch):
+    """The kernel offered the same port twice before anybody bound it (a worker's channel port was
+    another worker's HTTP port, and one of them died): free_port() asks again instead."""
+    offered = iter([46001, 46001, 46001, 46002])
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(launcher.socket, "socket", Socket)
+    assert [launcher.free_port(), launcher.free_port()] == [46001, 46002]
