@@ -10,6 +10,8 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from app.configuration_doc import shown
+
 DEFAULT_BUNDLE = Path("bundles/default")
 DEFAULT_CODED_METHOD = "average-distill"  # chosen on validation by eval-coding (docs/results/coding.json)
 BUNDLE_ENV = "COINSERVE_BUNDLE"
@@ -61,16 +63,6 @@ def _command(
     return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
 
 
-def _shown(value: object) -> str:
-    if value is None:
-        return "unset"
-    if value == "" or value == {}:
-        return "empty"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def _setting_flags(p: argparse.ArgumentParser, settings: Any, skip: Collection[str] = ()) -> None:
     """One flag per field of a pydantic-settings class (uvicorn's habit: a flag and an environment
     variable feed one object): the help is its description, default and variable. Flags default to
@@ -87,7 +79,7 @@ def _setting_flags(p: argparse.ArgumentParser, settings: Any, skip: Collection[s
             dest=name,
             choices=choices,
             metavar=None if choices else name.upper(),
-            help=f"{text} (default {_shown(default)}; env {prefix}{name.upper()})",
+            help=f"{text} (default {shown(default)}; env {prefix}{name.upper()})",
         )
 
 

@@ -99,11 +99,17 @@ def _section(title: str, who: str, settings: Any, flags: dict[str, str], skip: s
     return "\n".join(rows) + "\n"
 
 
-def _default(value: object) -> str:
+def shown(value: object) -> str:
+    """A setting's default as people read it: `unset`, `empty`, `0.5` (not 0.50000), the value."""
     if value is None:
         return "unset"
     if value == "" or value == {}:
         return "empty"
     if isinstance(value, float):
-        return f"`{value:g}`"
-    return f"`{value}`"
+        return f"{value:g}"
+    return str(value)
+
+
+def _default(value: object) -> str:
+    text = shown(value)
+    return text if value is None or value == "" or value == {} else f"`{text}`"
